@@ -1,0 +1,139 @@
+"""Configurations: EVA vision encoder, instruction-aware Q-Former, and the composite InstructBLIP config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+# `model_type` written by transformers' own InstructBLIP; we read its config files as ours.
+OFFICIAL_MODEL_TYPE = "instructblip"
+
+
+def _sub_config(value: Any, config_class: type, name: str) -> PretrainedConfig:
+    """Build a sub-config from None / dict / config instance."""
+    if value is None:
+        return config_class()
+    if isinstance(value, PretrainedConfig):
+        return value
+    if isinstance(value, dict):
+        kwargs = {k: v for k, v in value.items() if k != "model_type"}
+        return config_class(**kwargs)
+    raise TypeError(f"`{name}` must be None, a dict or a {config_class.__name__}, found {type(value).__name__}.")
+
+
+def _text_config(value: Any) -> PretrainedConfig:
+    """Build the LLM config with AutoConfig; any causal or seq2seq LM works (default: OPT, as transformers)."""
+    if value is None:
+        return AutoConfig.for_model("opt")
+    if isinstance(value, PretrainedConfig):
+        return value
+    if isinstance(value, dict):
+        kwargs = dict(value)
+        return AutoConfig.for_model(kwargs.pop("model_type", "opt"), **kwargs)
+    raise TypeError(f"`text_config` must be None, a dict or a PretrainedConfig, found {type(value).__name__}.")
+
+
+class InstructBlipVisionConfig(PretrainedConfig):
+    """EVA ViT-g image encoder settings (defaults = the released checkpoints: 39 layers, width 1408).
+
+    Example:
+        >>> config = InstructBlipVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    """
+
+    model_type = "hf_instructblip_vision"
+    base_config_key = "vision_config"
+
+    hidden_size: int = 1408
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 39
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+    initializer_range: float = 1e-10
+    qkv_bias: bool = True
+
+
+class InstructBlipQFormerConfig(PretrainedConfig):
+    """Q-Former (BERT-base with cross-attention every `cross_attention_frequency` layers) settings.
+
+    Example:
+        >>> config = InstructBlipQFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    """
+
+    model_type = "hf_instructblip_qformer"
+    base_config_key = "qformer_config"
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    cross_attention_frequency: int = 2
+    encoder_hidden_size: int = 1408
+
+
+class InstructBlipConfig(PretrainedConfig):
+    """Composite config: vision encoder + Q-Former + any Hugging Face LLM (`text_config`).
+
+    `instruction_aware=False` gives the paper's ablation (BLIP-2 style: the Q-Former sees only the queries).
+    Reads the official `Salesforce/instructblip-*` `config.json` files (`model_type="instructblip"`) as is.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> config = InstructBlipConfig(
+        ...     vision_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4},
+        ...     qformer_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4},
+        ...     text_config=LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+        ...     num_query_tokens=4, image_token_index=3)
+        >>> config.use_decoder_only_language_model
+        True
+    """
+
+    model_type = "hf_instructblip"
+    attribute_map = {"image_token_id": "image_token_index"}
+    sub_configs = {
+        "vision_config": InstructBlipVisionConfig,
+        "qformer_config": InstructBlipQFormerConfig,
+        "text_config": AutoConfig,
+    }
+
+    vision_config: Any = None
+    qformer_config: Any = None
+    text_config: Any = None
+    num_query_tokens: int = 32
+    image_token_index: int | None = None
+    instruction_aware: bool = True
+    initializer_factor: float = 1.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        self.vision_config = _sub_config(self.vision_config, InstructBlipVisionConfig, "vision_config")
+        self.qformer_config = _sub_config(self.qformer_config, InstructBlipQFormerConfig, "qformer_config")
+        self.text_config = _text_config(self.text_config)
+        # Cross-attention keys/values are read from the vision features: their width is the vision width.
+        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        kwargs.pop("use_decoder_only_language_model", None)  # derived, recomputed below
+        super().__post_init__(**kwargs)
+
+    @property
+    def use_decoder_only_language_model(self) -> bool:
+        return self.text_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == OFFICIAL_MODEL_TYPE:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs

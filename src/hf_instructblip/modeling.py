@@ -1,0 +1,276 @@
+"""InstructBLIP: image -> EVA ViT -> instruction-aware Q-Former -> `language_projection` -> any HF LLM.
+
+The bridge: the Q-Former's K query outputs, projected to the LLM width, overwrite the embeddings of the K
+image-placeholder tokens (`config.image_token_index`) that the processor put in `input_ids`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig, GenerationMixin
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import ModelOutput
+
+from .configuration import InstructBlipConfig
+from .pretrained import InstructBlipPreTrainedModel
+from .qformer import InstructBlipQFormerModel
+from .vision_encoder import InstructBlipVisionModel
+
+
+@dataclass
+class InstructBlipImageFeatures(ModelOutput):
+    """`pooler_output`: image features in LLM space `[B, Q, D_llm]`; the encoders' outputs alongside."""
+
+    pooler_output: torch.FloatTensor | None = None
+    vision_outputs: BaseModelOutput | None = None
+    qformer_outputs: BaseModelOutput | None = None
+
+
+@dataclass
+class InstructBlipForConditionalGenerationModelOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    vision_outputs: BaseModelOutput | None = None
+    qformer_outputs: BaseModelOutput | None = None
+    language_model_outputs: ModelOutput | None = None
+
+
+def language_modeling_loss(
+    logits: torch.Tensor, labels: torch.Tensor, shift: bool, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Token cross-entropy summed over labelled positions, divided by `num_items_in_batch` when given.
+
+    `Trainer` passes `num_items_in_batch` = labelled tokens across all accumulated micro-batches, which makes
+    gradient accumulation exact; without it this is the mean over this batch's labelled tokens.
+    """
+    if shift:  # decoder-only: position t predicts token t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    labels = labels.to(logits.device)
+    total = nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    if num_items_in_batch is None:
+        num_items_in_batch = (labels != -100).sum()
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, GenerationMixin):
+    """InstructBLIP with its LLM, for training (`labels` -> loss) and `generate`.
+
+    Example:
+        >>> from hf_instructblip import InstructBlipForConditionalGeneration, InstructBlipProcessor
+        >>> model = InstructBlipForConditionalGeneration.from_pretrained("Salesforce/instructblip-flan-t5-xl")
+        >>> processor = InstructBlipProcessor.from_pretrained("Salesforce/instructblip-flan-t5-xl")
+        >>> inputs = processor(images=image, text="What is in the picture?", return_tensors="pt")
+        >>> processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)
+    """
+
+    main_input_name = "pixel_values"
+    accepts_loss_kwargs = True  # `Trainer` hands us `num_items_in_batch` (exact gradient accumulation)
+
+    def __init__(self, config: InstructBlipConfig):
+        super().__init__(config)
+        self.vision_model = InstructBlipVisionModel._from_config(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = InstructBlipQFormerModel._from_config(config.qformer_config)
+        self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        llm_class = AutoModelForCausalLM if config.use_decoder_only_language_model else AutoModelForSeq2SeqLM
+        self.language_model = llm_class.from_config(config.text_config)
+        self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`; `auto_map` names us for both `AutoModel` and
+        `AutoModelForImageTextToText` (a class registers one auto class; the second entry is added here)."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.setdefault("AutoModel", f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # --- embeddings are the LLM's -----------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_encoder(self, *args, **kwargs):
+        return self.language_model.get_encoder()
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    # --- image -> LLM-space features ----------------------------------------------------------------
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> InstructBlipImageFeatures:
+        """Images (+ instruction for the Q-Former) -> `pooler_output` `[B, Q, D_llm]`."""
+        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        image_embeds = vision_outputs.last_hidden_state  # [B, N, D_vision]
+        batch = image_embeds.shape[0]
+        queries = self.query_tokens.expand(batch, -1, -1)  # [B, Q, D_qformer]
+        input_ids, mask = self._qformer_text(qformer_input_ids, qformer_attention_mask, batch)
+        if mask is not None:
+            query_mask = torch.ones(queries.shape[:2], dtype=mask.dtype, device=mask.device)
+            mask = torch.cat([query_mask, mask], dim=1)  # [B, Q + T]
+        qformer_outputs = self.qformer(
+            input_ids=input_ids, attention_mask=mask, query_embeds=queries, encoder_hidden_states=image_embeds
+        )
+        query_output = qformer_outputs.last_hidden_state[:, : queries.shape[1]]  # [B, Q, D_qformer]
+        return InstructBlipImageFeatures(
+            pooler_output=self.language_projection(query_output),  # [B, Q, D_llm]
+            vision_outputs=vision_outputs,
+            qformer_outputs=qformer_outputs,
+        )
+
+    def _qformer_text(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The instruction the Q-Former reads: required when instruction-aware, dropped otherwise (BLIP-2)."""
+        if not self.config.instruction_aware:
+            return None, None
+        if input_ids is None:
+            raise ValueError(
+                "`qformer_input_ids` is required: this model is instruction-aware (config.instruction_aware=True) "
+                "and its Q-Former reads the instruction. Pass the processor's `qformer_input_ids`."
+            )
+        if input_ids.dim() != 2 or input_ids.shape[0] != batch:
+            raise ValueError(
+                f"`qformer_input_ids` must have shape [{batch}, length] (one row per image), "
+                f"found {list(input_ids.shape)}."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return input_ids, attention_mask
+
+    # --- placeholders -> embeddings -------------------------------------------------------------------
+    def _image_placeholder_mask(self, input_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Boolean `[B, L]` mask of image placeholders, checked to hold exactly `num_query_tokens` per row."""
+        token = self.config.image_token_index
+        if token is None:
+            raise ValueError(
+                "config.image_token_index is unset, so the image cannot be placed in the prompt. Set it to the id "
+                "of the image placeholder token of the LLM tokenizer (the processor adds one)."
+            )
+        if input_ids is None:
+            raise ValueError("`input_ids` is required: it carries the image placeholder tokens.")
+        if input_ids.dim() != 2 or input_ids.shape[0] != batch:
+            raise ValueError(
+                f"`input_ids` must have shape [{batch}, length] to match the {batch} images in `pixel_values`, "
+                f"found {list(input_ids.shape)}."
+            )
+        mask = input_ids == token
+        counts = mask.sum(dim=1).tolist()
+        expected = self.config.num_query_tokens
+        wrong = {row: found for row, found in enumerate(counts) if found != expected}
+        if wrong:
+            raise ValueError(
+                f"Each row of `input_ids` must hold exactly num_query_tokens={expected} image placeholder tokens "
+                f"(id {token}); found (row: count) {wrong}. Build inputs with the InstructBlipProcessor."
+            )
+        return mask
+
+    def _merge_image_features(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """LLM input embeddings `[B, L, D_llm]` with the placeholders replaced by `image_features` `[B, Q, D_llm]`."""
+        mask = self._image_placeholder_mask(input_ids, image_features.shape[0])
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        mask = mask.unsqueeze(-1).to(inputs_embeds.device)
+        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype))
+
+    # --- training / scoring forward -------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> InstructBlipForConditionalGenerationModelOutput:
+        """`labels` use -100 for ignored positions; decoder-only labels align with `input_ids` (shifted here)."""
+        image = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
+        inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image.pooler_output)
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **kwargs}
+        if not self.config.use_decoder_only_language_model:
+            if decoder_input_ids is None and labels is not None:
+                decoder_input_ids = self.language_model.prepare_decoder_input_ids_from_labels(labels=labels)
+            llm_inputs.update(decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask)
+        outputs = self.language_model(**llm_inputs, return_dict=True)
+        loss = None
+        if labels is not None:
+            shift = self.config.use_decoder_only_language_model
+            loss = language_modeling_loss(outputs.logits, labels, shift, num_items_in_batch)
+        return InstructBlipForConditionalGenerationModelOutput(
+            loss=loss,
+            logits=outputs.logits,
+            vision_outputs=image.vision_outputs,
+            qformer_outputs=image.qformer_outputs,
+            language_model_outputs=outputs,
+        )
+
+    # --- generation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        generation_config: GenerationConfig | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Generate with the LLM from image + prompt, using this model's `generation_config` by default.
+
+        Decoder-only LLMs return the prompt ids followed by the new tokens (as transformers' InstructBLIP);
+        encoder-decoder LLMs return the decoder ids.
+        """
+        image = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
+        features = image.pooler_output  # [B, Q, D_llm]
+        if input_ids is None:
+            input_ids = self._default_prompt(features.shape[0], features.device)
+        inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, features)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
+        if self.config.use_decoder_only_language_model:
+            llm_inputs["input_ids"] = input_ids  # so the returned sequences start with the prompt
+        return self.language_model.generate(
+            **llm_inputs, generation_config=generation_config or self.generation_config, **generate_kwargs
+        )
+
+    def _default_prompt(self, batch: int, device: torch.device) -> torch.Tensor:
+        """Image placeholders (+ BOS for decoder-only LLMs) when no prompt is given: plain captioning."""
+        ids = [self.config.image_token_index] * self.config.num_query_tokens
+        bos = self.config.text_config.bos_token_id
+        if self.config.use_decoder_only_language_model and bos is not None:
+            ids.append(bos)
+        return torch.tensor([ids], dtype=torch.long, device=device).expand(batch, -1)

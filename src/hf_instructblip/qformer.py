@@ -1,0 +1,202 @@
+"""Instruction-aware Q-Former (BERT-base with cross-attention to image features), transformers' key layout.
+
+Sequence = `[queries; instruction tokens]`. Self-attention is bidirectional over the whole sequence, so the
+instruction steers what the queries extract. Only query positions cross-attend to the image (layers with
+`idx % cross_attention_frequency == 0`), and query / text positions go through separate feed-forward nets.
+With no instruction (`input_ids=None`) this is BLIP-2's Q-Former.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput
+
+from .attention import attend
+from .configuration import InstructBlipQFormerConfig
+from .pretrained import InstructBlipPreTrainedModel
+
+
+class QFormerMultiHeadAttention(nn.Module):
+    """Self-attention, or cross-attention whose keys/values come from `encoder_hidden_size`-wide features."""
+
+    is_causal = False
+
+    def __init__(self, config: InstructBlipQFormerConfig, is_cross_attention: bool = False):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(
+                f"qformer_config.hidden_size ({config.hidden_size}) must be divisible by "
+                f"num_attention_heads ({config.num_attention_heads})."
+            )
+        self.config = config
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        kv_width = config.encoder_hidden_size if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_width, config.hidden_size)
+        self.value = nn.Linear(kv_width, config.hidden_size)
+
+    def _heads(self, states: torch.Tensor) -> torch.Tensor:
+        return states.view(*states.shape[:2], -1, self.head_dim).transpose(1, 2)  # [B, H, L, Dh]
+
+    def forward(
+        self, hidden_states: torch.Tensor, context: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        query = self._heads(self.query(hidden_states))
+        key, value = self._heads(self.key(context)), self._heads(self.value(context))
+        return attend(self, query, key, value, attention_mask, self.scaling, self.config.attention_probs_dropout_prob)
+
+
+class QFormerResidualOutput(nn.Module):
+    """`LayerNorm(dropout(dense(x)) + residual)`: the post-norm residual of BERT."""
+
+    def __init__(self, config: InstructBlipQFormerConfig, in_features: int):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class QFormerAttention(nn.Module):
+    def __init__(self, config: InstructBlipQFormerConfig, is_cross_attention: bool = False):
+        super().__init__()
+        self.attention = QFormerMultiHeadAttention(config, is_cross_attention)
+        self.output = QFormerResidualOutput(config, config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, context: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.output(self.attention(hidden_states, context, attention_mask), hidden_states)
+
+
+class QFormerIntermediate(nn.Module):
+    def __init__(self, config: InstructBlipQFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(hidden_states))
+
+
+class QFormerLayer(GradientCheckpointingLayer):
+    """Self-attention over `[queries; text]`, cross-attention for queries, one FFN per position kind."""
+
+    def __init__(self, config: InstructBlipQFormerConfig, layer_idx: int):
+        super().__init__()
+        self.attention = QFormerAttention(config)
+        has_cross = layer_idx % config.cross_attention_frequency == 0
+        self.crossattention = QFormerAttention(config, is_cross_attention=True) if has_cross else None
+        self.intermediate = QFormerIntermediate(config)  # text positions
+        self.output = QFormerResidualOutput(config, config.intermediate_size)
+        self.intermediate_query = QFormerIntermediate(config)  # query positions
+        self.output_query = QFormerResidualOutput(config, config.intermediate_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, Q + T, D]
+        image_embeds: torch.Tensor | None,  # [B, N, D_vision]
+        attention_mask: torch.Tensor | None,
+        num_queries: int,
+    ) -> torch.Tensor:
+        hidden_states = self.attention(hidden_states, hidden_states, attention_mask)
+        queries, text = hidden_states[:, :num_queries], hidden_states[:, num_queries:]
+        if self.crossattention is not None and num_queries > 0:
+            if image_embeds is None:
+                raise ValueError("`encoder_hidden_states` (image features) are required by cross-attention layers.")
+            queries = self.crossattention(queries, image_embeds)  # every image token is real: no mask
+        outputs = []
+        if num_queries > 0:
+            outputs.append(self.output_query(self.intermediate_query(queries), queries))
+        if text.shape[1] > 0:
+            outputs.append(self.output(self.intermediate(text), text))
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+
+class QFormerEmbeddings(nn.Module):
+    """Word + position embeddings of the instruction, queries prepended, then one LayerNorm over both."""
+
+    def __init__(self, config: InstructBlipQFormerConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor | None, query_embeds: torch.Tensor | None) -> torch.Tensor:
+        parts = []
+        if query_embeds is not None:
+            parts.append(query_embeds)  # [B, Q, D]; queries carry no position embedding
+        if input_ids is not None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # text positions start at 0
+            parts.append(self.word_embeddings(input_ids) + self.position_embeddings(positions))  # [B, T, D]
+        embeddings = torch.cat(parts, dim=1).to(self.layernorm.weight.dtype)
+        return self.dropout(self.layernorm(embeddings))
+
+
+class QFormerEncoder(nn.Module):
+    def __init__(self, config: InstructBlipQFormerConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(QFormerLayer(config, idx) for idx in range(config.num_hidden_layers))
+
+
+class InstructBlipQFormerModel(InstructBlipPreTrainedModel):
+    """Q-Former: learned queries (+ instruction) cross-attending to image features.
+
+    Example:
+        >>> config = InstructBlipQFormerConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+        ...                                    num_attention_heads=4, intermediate_size=64, encoder_hidden_size=16)
+        >>> model = InstructBlipQFormerModel(config)
+        >>> out = model(torch.tensor([[5, 6, 7]]), query_embeds=torch.zeros(1, 4, 32),
+        ...             encoder_hidden_states=torch.zeros(1, 10, 16))
+        >>> out.last_hidden_state.shape  # [B, Q + T, D]
+        torch.Size([1, 7, 32])
+    """
+
+    config_class = InstructBlipQFormerConfig
+
+    def __init__(self, config: InstructBlipQFormerConfig):
+        super().__init__(config)
+        self.embeddings = QFormerEmbeddings(config)
+        self.encoder = QFormerEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        query_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> BaseModelOutput:
+        """`attention_mask` covers `[queries; input_ids]` (`[B, Q + T]`, 1 = keep), as in transformers."""
+        if input_ids is None and query_embeds is None:
+            raise ValueError("InstructBlipQFormerModel needs `input_ids`, `query_embeds`, or both.")
+        num_queries = 0 if query_embeds is None else query_embeds.shape[1]
+        hidden_states = self.embeddings(input_ids, query_embeds)  # [B, Q + T, D]
+        mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+        )
+        all_hidden_states = [hidden_states] if output_hidden_states else None
+        for layer in self.encoder.layer:
+            hidden_states = layer(hidden_states, encoder_hidden_states, mask, num_queries)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )
