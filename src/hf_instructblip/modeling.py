@@ -218,7 +218,11 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
             attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **kwargs}
         if not self.config.use_decoder_only_language_model:
-            if decoder_input_ids is None and labels is not None:
+            if decoder_input_ids is None:
+                if labels is None:
+                    raise ValueError(
+                        "An encoder-decoder LLM needs `decoder_input_ids` or `labels` in forward; found neither."
+                    )
                 decoder_input_ids = self.language_model.prepare_decoder_input_ids_from_labels(labels=labels)
             llm_inputs.update(decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask)
         outputs = self.language_model(**llm_inputs, return_dict=True)

@@ -21,8 +21,6 @@ class InstructBlipPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     # Blocks that must stay on one device under `device_map="auto"` (residual adds inside them).
     _no_split_modules = ["EvaEncoderLayer", "QFormerLayer", "QFormerEmbeddings"]
-    # fp16/bf16 loading keeps the learned queries in fp32, as transformers' InstructBLIP does.
-    _keep_in_fp32_modules = ["query_tokens"]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # Linear / Embedding / LayerNorm from `initializer_range`

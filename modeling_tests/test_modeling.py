@@ -1,0 +1,307 @@
+"""Core model: parity with transformers' InstructBLIP (the oracle), round trips, Auto classes, validation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import tiny
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import InstructBlipConfig as RefConfig
+from transformers import InstructBlipForConditionalGeneration as RefModel
+
+from hf_instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+Q = tiny.NUM_QUERY_TOKENS
+IMAGE_TOKEN = 319
+
+
+def make_reference(kind: str, seed: int = 0) -> RefModel:
+    return tiny.randomize_(RefModel(RefConfig(**tiny.config_kwargs(kind, IMAGE_TOKEN))), seed).eval()
+
+
+def make_ours(kind: str, seed: int = 0, **overrides) -> InstructBlipForConditionalGeneration:
+    config = InstructBlipConfig(**tiny.config_kwargs(kind, IMAGE_TOKEN, **overrides))
+    return tiny.randomize_(InstructBlipForConditionalGeneration(config), seed).eval()
+
+
+def batch_inputs(batch: int = 3, seed: int = 0) -> dict:
+    """Left-padded prompts of different lengths, each with Q placeholders, plus Q-Former text."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, lengths = [], [5, 3, 7][:batch]
+    width = Q + max(lengths)
+    input_ids = torch.zeros(batch, width, dtype=torch.long)
+    attention_mask = torch.zeros(batch, width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        prompt = torch.randint(4, 300, (length,), generator=gen)
+        ids = torch.cat([torch.full((Q,), IMAGE_TOKEN), prompt])
+        input_ids[row, width - len(ids):] = ids
+        attention_mask[row, width - len(ids):] = 1
+    qformer_input_ids = torch.randint(1, 64, (batch, 6), generator=gen)
+    qformer_attention_mask = torch.ones_like(qformer_input_ids)
+    qformer_attention_mask[1, :2] = 0  # one left-padded instruction
+    return dict(pixel_values=tiny.pixel_values(batch, seed), input_ids=input_ids, attention_mask=attention_mask,
+                qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask)
+
+
+def labels_for(kind: str, inputs: dict) -> dict:
+    if kind == "t5":
+        labels = torch.randint(4, 300, (inputs["input_ids"].shape[0], 4), generator=torch.Generator().manual_seed(1))
+        labels[0, -1] = -100
+        return {"labels": labels}
+    labels = inputs["input_ids"].clone()
+    labels[inputs["attention_mask"] == 0] = -100
+    labels[labels == IMAGE_TOKEN] = -100
+    return {"labels": labels}
+
+
+@pytest.fixture(scope="module", params=tiny.LLM_KINDS)
+def pair(request, tmp_path_factory):
+    """transformers' model saved with `save_pretrained`, ours loaded from that folder."""
+    kind = request.param
+    folder = tmp_path_factory.mktemp(f"ref_{kind}")
+    reference = make_reference(kind)
+    reference.save_pretrained(folder)
+    ours, info = InstructBlipForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    return kind, reference, ours.eval(), info
+
+
+def test_loads_reference_checkpoint_without_missing_or_unexpected_keys(pair):
+    _, reference, ours, info = pair
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert set(ours.state_dict()) == set(reference.state_dict())
+
+
+def test_logits_and_loss_match_reference(pair):
+    kind, reference, ours, _ = pair
+    inputs = batch_inputs()
+    inputs.update(labels_for(kind, inputs))
+    with torch.no_grad():
+        expected, actual = reference(**inputs), ours(**inputs)
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(actual.loss, expected.loss, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_matches_reference(pair, num_beams):
+    _, reference, ours, _ = pair
+    inputs = batch_inputs()
+    settings = dict(max_new_tokens=6, min_new_tokens=6, num_beams=num_beams, do_sample=False)
+    expected = reference.generate(**inputs, **settings)
+    actual = ours.generate(**inputs, **settings)
+    assert torch.equal(actual, expected)
+
+
+def test_reference_loads_our_checkpoint(pair, tmp_path):
+    kind, _, ours, _ = pair
+    ours.save_pretrained(tmp_path)
+    reference, info = RefModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    inputs = batch_inputs(seed=3)
+    inputs.update(labels_for(kind, inputs))
+    with torch.no_grad():
+        torch.testing.assert_close(reference.eval()(**inputs).logits, ours(**inputs).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_save_load_round_trip_is_bit_exact(tmp_path, shard):
+    model = make_ours("llama", seed=4)
+    model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    if shard:
+        assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    loaded = InstructBlipForConditionalGeneration.from_pretrained(tmp_path)
+    expected, actual = model.state_dict(), loaded.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
+def test_auto_classes_return_ours(tmp_path):
+    make_ours("t5").save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), InstructBlipConfig)
+    assert type(AutoModel.from_pretrained(tmp_path)) is InstructBlipForConditionalGeneration
+    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path)) is InstructBlipForConditionalGeneration
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert set(auto_map) >= {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
+
+
+def test_trust_remote_code_load_in_fresh_process(tmp_path):
+    """A process that never imports hf_instructblip loads the saved folder from its own code files."""
+    model = make_ours("llama", seed=5)
+    model.save_pretrained(tmp_path)
+    inputs = batch_inputs(seed=5)
+    torch.save({"inputs": inputs, "logits": model(**inputs).logits.detach()}, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        assert "hf_instructblip" not in sys.modules, "the package itself must not be needed"
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        saved = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            torch.testing.assert_close(model(**saved["inputs"]).logits, saved["logits"], atol=1e-6, rtol=0)
+        print("REMOTE-OK")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_reads_official_config_without_loss(tmp_path):
+    RefConfig(**tiny.config_kwargs("t5", IMAGE_TOKEN)).save_pretrained(tmp_path)
+    official = json.loads((tmp_path / "config.json").read_text())
+    assert official["model_type"] == "instructblip"
+    config = InstructBlipConfig.from_pretrained(tmp_path)
+    assert config.instruction_aware is True
+    assert config.num_query_tokens == official["num_query_tokens"]
+    assert config.image_token_index == official["image_token_index"]
+    for name in ("vision_config", "qformer_config"):
+        ours = getattr(config, name).to_dict()
+        for key, value in official[name].items():
+            if key not in ("model_type", "transformers_version"):
+                assert ours[key] == value, (name, key)
+    assert config.text_config.to_dict() == AutoConfig.for_model(**official["text_config"]).to_dict()
+
+
+def test_instruction_aware_false_ignores_qformer_text_and_differs():
+    aware = make_ours("llama", seed=6)
+    blind = InstructBlipForConditionalGeneration(
+        InstructBlipConfig(**tiny.config_kwargs("llama", IMAGE_TOKEN, instruction_aware=False))
+    ).eval()
+    blind.load_state_dict(aware.state_dict())
+    inputs = batch_inputs(seed=6)
+    with torch.no_grad():
+        logits_blind = blind(**inputs).logits
+        other_text = {**inputs, "qformer_input_ids": torch.randint(1, 64, inputs["qformer_input_ids"].shape)}
+        no_text = {k: v for k, v in inputs.items() if not k.startswith("qformer")}
+        torch.testing.assert_close(blind(**other_text).logits, logits_blind, atol=0, rtol=0)
+        torch.testing.assert_close(blind(**no_text).logits, logits_blind, atol=0, rtol=0)
+        assert (aware(**inputs).logits - logits_blind).abs().max() > 1e-3
+        assert not torch.equal(aware(**other_text).logits, aware(**inputs).logits)  # the instruction matters
+    assert blind.generate(**no_text, max_new_tokens=3).shape[0] == 3
+
+
+def test_interpolate_pos_encoding_matches_reference():
+    reference, ours = make_reference("opt"), make_ours("opt")
+    ours.load_state_dict(reference.state_dict())
+    inputs = batch_inputs(seed=7)
+    inputs["pixel_values"] = torch.randn(3, 3, 42, 42)
+    with torch.no_grad():
+        expected = reference(**inputs, interpolate_pos_encoding=True).logits
+        torch.testing.assert_close(ours(**inputs, interpolate_pos_encoding=True).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_sdpa_matches_eager(tmp_path):
+    make_ours("llama", seed=8).save_pretrained(tmp_path)
+    eager = InstructBlipForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    sdpa = InstructBlipForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    assert sdpa.qformer.config._attn_implementation == "sdpa"
+    inputs = batch_inputs(seed=8)
+    real = inputs["attention_mask"].bool()  # padded positions hold kernel-dependent garbage
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(**inputs).logits[real], eager(**inputs).logits[real], atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    inputs = batch_inputs(seed=9)
+    inputs.update(labels_for("llama", inputs))
+    grads = []
+    for checkpointing in (False, True):
+        model = make_ours("llama", seed=9).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.qformer.encoder.layer[0].gradient_checkpointing
+        model(**inputs).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_loading(tmp_path, dtype):
+    make_ours("llama", seed=10).save_pretrained(tmp_path)
+    model = InstructBlipForConditionalGeneration.from_pretrained(tmp_path, dtype=dtype).eval()
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    with torch.no_grad():
+        logits = model(**batch_inputs(seed=10)).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+def test_default_prompt_and_generation_config_are_honoured():
+    model = make_ours("llama", seed=11)
+    pixels = tiny.pixel_values(2, seed=11)
+    qformer_ids = torch.randint(1, 64, (2, 4))
+    model.generation_config.max_new_tokens = 2
+    model.generation_config.min_new_tokens = 2
+    out = model.generate(pixel_values=pixels, qformer_input_ids=qformer_ids)
+    assert out.shape == (2, Q + 1 + 2)  # placeholders + BOS + two new tokens from the top-level config
+    assert (out[:, :Q] == IMAGE_TOKEN).all() and (out[:, Q] == 1).all()
+
+
+def test_get_image_features_shape():
+    model = make_ours("t5")
+    features = model.get_image_features(tiny.pixel_values(2), torch.randint(1, 64, (2, 5))).pooler_output
+    assert features.shape == (2, Q, model.config.text_config.hidden_size)
+
+
+# --- validation: every error names the argument, what was expected and what was found ---------------------
+@pytest.fixture(scope="module")
+def model():
+    return make_ours("llama", seed=12)
+
+
+def test_error_wrong_number_of_placeholders(model):
+    inputs = batch_inputs()
+    inputs["input_ids"][1, -1] = IMAGE_TOKEN  # row 1 now has Q + 1
+    inputs["input_ids"][2, -Q - 7] = 5  # row 2 (width 11: placeholders at 0..3) now has Q - 1
+    with pytest.raises(ValueError, match=rf"num_query_tokens={Q}.*\{{1: {Q + 1}, 2: {Q - 1}\}}"):
+        model(**inputs)
+    without = {**batch_inputs(), "input_ids": torch.full((3, 5), 7)}
+    with pytest.raises(ValueError, match=r"found \(row: count\) \{0: 0, 1: 0, 2: 0\}"):
+        model.generate(**without, max_new_tokens=1)
+
+
+def test_error_image_token_index_unset():
+    model = InstructBlipForConditionalGeneration(
+        InstructBlipConfig(**tiny.config_kwargs("llama", image_token_index=None))
+    ).eval()
+    with pytest.raises(ValueError, match="image_token_index is unset"):
+        model(**batch_inputs())
+
+
+def test_error_batch_mismatch(model):
+    inputs = batch_inputs()
+    inputs["pixel_values"] = tiny.pixel_values(2)
+    inputs["qformer_input_ids"], inputs["qformer_attention_mask"] = (
+        inputs["qformer_input_ids"][:2], inputs["qformer_attention_mask"][:2])
+    with pytest.raises(ValueError, match=r"`input_ids` must have shape \[2, length\].*2 images.*found \[3, 11\]"):
+        model(**inputs)
+
+
+def test_error_missing_qformer_input_ids(model):
+    inputs = {k: v for k, v in batch_inputs().items() if not k.startswith("qformer")}
+    with pytest.raises(ValueError, match="`qformer_input_ids` is required.*instruction-aware"):
+        model(**inputs)
+
+
+@pytest.mark.parametrize(
+    "pixels, message",
+    [
+        (torch.zeros(3, 28, 28), r"shape \[batch, 3, height, width\], found \[3, 28, 28\]"),
+        (torch.zeros(3, 1, 28, 28), r"shape \[batch, 3, height, width\], found \[3, 1, 28, 28\]"),
+        (torch.zeros(3, 3, 32, 28), r"must be 28x28.*found 32x28"),
+    ],
+)
+def test_error_bad_pixel_values(model, pixels, message):
+    with pytest.raises(ValueError, match=message):
+        model(**{**batch_inputs(), "pixel_values": pixels})
+
+
+def test_error_pixel_values_not_a_tensor(model):
+    with pytest.raises(TypeError, match="`pixel_values` must be a torch.Tensor, found list"):
+        model(**{**batch_inputs(), "pixel_values": [[0.0]]})
