@@ -6,6 +6,7 @@ image-placeholder tokens (`config.image_token_index`) that the processor put in 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -267,9 +268,10 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
         if self.config.use_decoder_only_language_model:
             llm_inputs["input_ids"] = input_ids  # so the returned sequences start with the prompt
-        return self.language_model.generate(
-            **llm_inputs, generation_config=generation_config or self.generation_config, **generate_kwargs
-        )
+        # Our `generation_config` (not the LLM's) is the default; call-time arguments override it.
+        generation_config = copy.deepcopy(generation_config or self.generation_config)
+        model_kwargs = generation_config.update(**generate_kwargs)  # returns what is not a generation setting
+        return self.language_model.generate(**llm_inputs, generation_config=generation_config, **model_kwargs)
 
     def _default_prompt(self, batch: int, device: torch.device) -> torch.Tensor:
         """Image placeholders (+ BOS for decoder-only LLMs) when no prompt is given: plain captioning."""
