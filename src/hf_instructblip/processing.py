@@ -1,0 +1,350 @@
+"""Processor: images + instructions -> the tensors `InstructBlipForConditionalGeneration` takes.
+
+One call gives `pixel_values` (transformers' BLIP image processor), `input_ids` / `attention_mask` for the LLM
+with `num_query_tokens` image placeholders in front of every prompt, and `qformer_input_ids` /
+`qformer_attention_mask` for the instruction-aware Q-Former.
+
+Where we differ from transformers' `InstructBlipProcessor`, we follow LAVIS: the Q-Former text is always
+truncated from the left to its own limit (`qformer_max_length`, 128) and always padded on the right (its
+positions start at 0, so left padding would move every real token); batched LLM prompts are left padded by
+default, which batched decoder-only generation needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoProcessor, BatchFeature, ProcessorMixin
+from transformers.processing_utils import ImagesKwargs
+from transformers.tokenization_utils_base import AddedToken
+
+from .configuration import InstructBlipConfig
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+QFORMER_MAX_LENGTH = 128  # LAVIS `max_txt_len` for the Q-Former instruction
+_IMAGE_KWARGS = frozenset(ImagesKwargs.__annotations__) - {"return_tensors"}
+_CHANNEL_COUNTS = (1, 3, 4)  # grey, RGB, RGBA
+
+
+# --- images -------------------------------------------------------------------------------------------
+def _rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited onto white (as transformers' `convert_to_rgb`)."""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _channels_last(array: np.ndarray, channels_first: bool, where: str) -> np.ndarray:
+    """`[H, W]`, `[H, W, C]` or `[C, H, W]` (C in 1, 3, 4) -> `[H, W, C]`; `channels_first` breaks ties."""
+    if array.ndim == 2:
+        return array[:, :, None]
+    if array.ndim != 3:
+        raise ValueError(f"`{where}` must have 2 or 3 dimensions (HW, HWC or CHW), found shape {list(array.shape)}.")
+    first, last = array.shape[0] in _CHANNEL_COUNTS, array.shape[-1] in _CHANNEL_COUNTS
+    if first and (channels_first or not last):
+        return np.moveaxis(array, 0, -1)
+    if last:
+        return array
+    raise ValueError(
+        f"`{where}` must hold 1, 3 or 4 channels first (CHW) or last (HWC), found shape {list(array.shape)}."
+    )
+
+
+def _array_to_pil(array: np.ndarray, channels_first: bool, where: str) -> Image.Image:
+    """uint8 (0-255) or float (0-1) array -> RGB PIL image. Floats are quantised to 8 bits, which is also what
+    transformers' PIL backend does when it resizes them."""
+    hwc = _channels_last(array, channels_first, where)
+    if hwc.dtype == np.uint8:
+        pixels = hwc
+    elif np.issubdtype(hwc.dtype, np.floating):
+        low, high = (float(hwc.min()), float(hwc.max())) if hwc.size else (0.0, 0.0)
+        if low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"Float image `{where}` must hold values in [0, 1], found [{low:.3g}, {high:.3g}]; "
+                "pass uint8 for 0-255 pixel values."
+            )
+        pixels = np.round(hwc * 255.0).astype(np.uint8)
+    else:
+        raise TypeError(f"`{where}` must be uint8 or float, found dtype {hwc.dtype}.")
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[pixels.shape[-1]]
+    return Image.fromarray(pixels[:, :, 0] if mode == "L" else np.ascontiguousarray(pixels), mode=mode)
+
+
+def _to_rgb_image(image: Any, where: str) -> Image.Image:
+    """One image (PIL, numpy or torch) -> a non-empty RGB PIL image."""
+    if isinstance(image, Image.Image):
+        pil = image
+    elif isinstance(image, torch.Tensor):
+        pil = _array_to_pil(image.detach().cpu().numpy(), channels_first=True, where=where)
+    elif isinstance(image, np.ndarray):
+        pil = _array_to_pil(image, channels_first=False, where=where)
+    else:
+        kind = type(image).__name__
+        raise TypeError(f"`{where}` must be a PIL image, a numpy array or a torch tensor, found {kind}.")
+    if pil.width == 0 or pil.height == 0:
+        raise ValueError(f"`{where}` is empty: found a {pil.width}x{pil.height} image.")
+    return _rgb(pil)
+
+
+def to_rgb_images(images: Any) -> list[Image.Image]:
+    """One image, a list of images or a batch array/tensor `[B, ...]` -> a list of RGB PIL images.
+
+    Example:
+        >>> to_rgb_images(np.zeros((2, 3, 8, 8), dtype=np.float32))[0].size
+        (8, 8)
+    """
+    batched_array = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
+    if batched_array or isinstance(images, (list, tuple)):
+        items = list(images)
+    else:
+        items = [images]
+    if not items:
+        raise ValueError("`images` is empty: pass at least one image.")
+    return [_to_rgb_image(image, f"images[{i}]") for i, image in enumerate(items)]
+
+
+# --- text ---------------------------------------------------------------------------------------------
+def _as_texts(text: Any) -> list[str]:
+    """A prompt or a non-empty list of prompts -> list of prompts."""
+    if isinstance(text, str):
+        return [text]
+    if not isinstance(text, (list, tuple)):
+        raise TypeError(f"`text` must be a string or a list of strings, found {type(text).__name__}.")
+    if not text:
+        raise ValueError("`text` is an empty list: pass at least one prompt.")
+    wrong = {i: type(t).__name__ for i, t in enumerate(text) if not isinstance(t, str)}
+    if wrong:
+        raise TypeError(f"`text` must be a list of strings, found non-strings at (index: type) {wrong}.")
+    return list(text)
+
+
+def _prepend(rows: list[list[int]], prefix: list[int]) -> list[list[int]]:
+    return [prefix + row for row in rows]
+
+
+# --- the processor ------------------------------------------------------------------------------------
+class HfInstructBlipProcessor(ProcessorMixin):
+    """Images, LLM prompts and Q-Former instructions -> model inputs (drop-in for transformers' processor).
+
+    Holds transformers' BLIP image processor, the LLM tokenizer (gets the image placeholder token when it lacks
+    one) and the Q-Former tokenizer. Loads the official `Salesforce/instructblip-*` layout; saves the Q-Former
+    tokenizer in `qformer_tokenizer/`. Exported as `hf_instructblip.InstructBlipProcessor`; its own class name
+    differs from transformers' so that `AutoProcessor` finds this class in saved folders.
+
+    Example:
+        >>> processor = InstructBlipProcessor.from_pretrained("Salesforce/instructblip-vicuna-7b")
+        >>> inputs = processor(images=[image, image], text=["What is this?", "Describe it."], return_tensors="pt")
+        >>> ids = model.generate(**inputs, max_new_tokens=20)
+        >>> processor.post_process_generation(ids, inputs["input_ids"])  # answers only, prompt removed
+    """
+
+    def __init__(
+        self,
+        image_processor,
+        tokenizer,
+        qformer_tokenizer,
+        num_query_tokens: int = 32,
+        image_token: str | None = None,
+        qformer_max_length: int = QFORMER_MAX_LENGTH,
+        padding_side: str = "left",
+        **kwargs,
+    ):
+        for name, value in (("num_query_tokens", num_query_tokens), ("qformer_max_length", qformer_max_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, found {value!r}.")
+        self.num_query_tokens = num_query_tokens
+        self.qformer_max_length = qformer_max_length
+        self.padding_side = _check_padding_side(padding_side)
+        self.image_token = image_token or getattr(tokenizer, "image_token", None) or DEFAULT_IMAGE_TOKEN
+        if self.image_token not in tokenizer.get_vocab():
+            # Our model config's `image_token_index` must follow: see `sync_image_token`.
+            tokenizer.add_tokens([AddedToken(self.image_token, normalized=False, special=True)], special_tokens=True)
+        qformer_tokenizer.truncation_side = "left"  # LAVIS keeps the end of a long instruction
+        super().__init__(image_processor, tokenizer, qformer_tokenizer, **kwargs)
+
+    @property
+    def image_token_id(self) -> int:
+        """Id of the image placeholder in the LLM vocabulary (= the model's `config.image_token_index`)."""
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask", "pixel_values"]
+
+    # --- images ---------------------------------------------------------------------------------------
+    def preprocess_images(self, images: Any, return_tensors: str | None = "pt", **images_kwargs) -> Any:
+        """Images in any supported form -> `pixel_values` (`[B, 3, H, W]` for "pt").
+
+        Accepts PIL images (any mode), numpy arrays and torch tensors (HW, HWC or CHW; uint8 0-255 or float
+        0-1), one at a time, as a list, or as a `[B, ...]` batch. Extra keywords go to the image processor.
+        """
+        unknown = set(images_kwargs) - _IMAGE_KWARGS
+        if unknown:
+            raise TypeError(
+                f"Unknown image processor arguments {sorted(unknown)}; expected some of {sorted(_IMAGE_KWARGS)}."
+            )
+        return self._pixel_values(to_rgb_images(images), return_tensors, images_kwargs)
+
+    def _pixel_values(self, images: list[Image.Image], return_tensors: str | None, images_kwargs: dict) -> Any:
+        return self.image_processor(images, return_tensors=return_tensors, **images_kwargs)["pixel_values"]
+
+    # --- text -----------------------------------------------------------------------------------------
+    def _llm_text(
+        self, texts: list[str], with_images: bool, tokenizer_kwargs: dict[str, Any], max_length: int | None
+    ) -> dict[str, list[list[int]]]:
+        """Prompts -> `input_ids` / `attention_mask`, with `num_query_tokens` placeholders in front when there are
+        images (before BOS and before any left padding, exactly as transformers and LAVIS lay them out)."""
+        placeholders = self.num_query_tokens if with_images else 0
+        if max_length is not None:
+            if max_length <= placeholders:
+                raise ValueError(
+                    f"`max_length` counts the {placeholders} image placeholders and must exceed them, "
+                    f"found {max_length}."
+                )
+            max_length -= placeholders  # the limit applies to placeholders + prompt
+        encoding = self.tokenizer(texts, max_length=max_length, return_token_type_ids=False, **tokenizer_kwargs)
+        ids, mask = encoding["input_ids"], encoding["attention_mask"]
+        return {
+            "input_ids": _prepend(ids, [self.image_token_id] * placeholders),  # [B, Q + L]
+            "attention_mask": _prepend(mask, [1] * placeholders),
+        }
+
+    def _qformer_text(self, texts: list[str], padding: Any, max_length: int, add_special_tokens: bool) -> dict:
+        """Instructions -> `qformer_input_ids` / `qformer_attention_mask`: left truncated, right padded."""
+        if padding != "max_length":  # pad to `max_length` only when asked; else to the longest row, if at all
+            padding = False if padding in (False, None, "do_not_pad") else "longest"
+        encoding = self.qformer_tokenizer(
+            texts, padding=padding, truncation=True, max_length=max_length, padding_side="right",
+            add_special_tokens=add_special_tokens, return_token_type_ids=False,
+        )
+        return {"qformer_input_ids": encoding["input_ids"], "qformer_attention_mask": encoding["attention_mask"]}
+
+    # --- the call -------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        *,
+        padding: bool | str = "longest",
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        padding_side: str | None = None,
+        add_special_tokens: bool = True,
+        qformer_max_length: int | None = None,
+        return_tensors: str | None = None,
+        images_kwargs: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Images and/or prompts -> `BatchFeature` with `pixel_values`, `input_ids`, `attention_mask`,
+        `qformer_input_ids`, `qformer_attention_mask` (what was given decides which).
+
+        One image may serve every prompt; otherwise images and prompts pair up one to one. `max_length` bounds
+        placeholders + prompt; the Q-Former text has its own bound, `qformer_max_length` (default 128). Image
+        processor options go in `images_kwargs` or as keywords (`do_resize=...`).
+        """
+        if images is None and text is None:
+            raise ValueError("Pass `images`, `text` or both; both are None.")
+        images_kwargs = {**(images_kwargs or {}), **self._split_image_kwargs(kwargs)}
+        pil_images = to_rgb_images(images) if images is not None else None
+        encoding: dict[str, Any] = {}
+        if text is not None:
+            texts = _as_texts(text)
+            if pil_images is not None:
+                pil_images = _pair_images(pil_images, len(texts))
+            tokenizer_kwargs = dict(
+                padding=padding, truncation=truncation, add_special_tokens=add_special_tokens,
+                padding_side=_check_padding_side(padding_side or self.padding_side),
+            )
+            qformer_limit = qformer_max_length or self.qformer_max_length
+            encoding.update(self._qformer_text(texts, padding, qformer_limit, add_special_tokens))
+            encoding.update(self._llm_text(texts, pil_images is not None, tokenizer_kwargs, max_length))
+        if pil_images is not None:
+            encoding["pixel_values"] = self._pixel_values(pil_images, return_tensors, images_kwargs)
+        return BatchFeature(encoding, tensor_type=return_tensors)
+
+    @staticmethod
+    def _split_image_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(kwargs) - _IMAGE_KWARGS
+        if unknown:
+            raise TypeError(
+                f"Unknown keyword arguments {sorted(unknown)}. Text options: padding, truncation, max_length, "
+                "padding_side, add_special_tokens, qformer_max_length, return_tensors; image processor options: "
+                f"{sorted(_IMAGE_KWARGS)}."
+            )
+        return kwargs
+
+    # --- outputs --------------------------------------------------------------------------------------
+    def post_process_generation(
+        self,
+        generated_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        skip_special_tokens: bool = True,
+    ) -> list[str]:
+        """Generated ids -> answer strings. Decoder-only LLMs echo the prompt: pass the prompt's `input_ids`
+        and it is removed (checked); encoder-decoder LLMs return only the answer: leave `input_ids` None."""
+        if input_ids is not None:
+            prompt_length = input_ids.shape[-1]
+            echoed = generated_ids[:, :prompt_length]
+            if echoed.shape != input_ids.shape or not torch.equal(echoed.cpu(), input_ids.cpu()):
+                raise ValueError(
+                    "`generated_ids` do not start with `input_ids`: pass `input_ids` only for decoder-only LLMs, "
+                    f"whose output echoes the prompt (found generated {list(generated_ids.shape)}, "
+                    f"prompt {list(input_ids.shape)})."
+                )
+            generated_ids = generated_ids[:, prompt_length:]
+        texts = self.tokenizer.batch_decode(generated_ids, skip_special_tokens=skip_special_tokens)
+        return [t.strip() for t in texts]
+
+
+InstructBlipProcessor = HfInstructBlipProcessor  # the drop-in name
+
+
+def _check_padding_side(side: str) -> str:
+    if side not in ("left", "right"):
+        raise ValueError(f"`padding_side` must be 'left' or 'right', found {side!r}.")
+    return side
+
+
+def _pair_images(images: list[Image.Image], num_texts: int) -> list[Image.Image]:
+    """One image per prompt; a single image is shared by every prompt."""
+    if len(images) == num_texts:
+        return images
+    if len(images) == 1:
+        return images * num_texts
+    raise ValueError(
+        f"Got {len(images)} images for {num_texts} prompts in `text`: pass one image per prompt, or one image for all."
+    )
+
+
+def sync_image_token(model: torch.nn.Module, processor: HfInstructBlipProcessor) -> bool:
+    """Point `model.config.image_token_index` at the processor's image placeholder, growing the LLM embeddings
+    when the token was added to the tokenizer beyond them. Returns whether the embeddings were resized.
+
+    Example:
+        >>> processor = InstructBlipProcessor(image_processor, llm_tokenizer, qformer_tokenizer, num_query_tokens=32)
+        >>> sync_image_token(model, processor)  # now model(**processor(...)) finds its placeholders
+    """
+    if model.config.num_query_tokens != processor.num_query_tokens:
+        raise ValueError(
+            f"The processor writes num_query_tokens={processor.num_query_tokens} placeholders but the model "
+            f"expects model.config.num_query_tokens={model.config.num_query_tokens}; build them to agree."
+        )
+    token_id = processor.image_token_id
+    rows = model.get_input_embeddings().weight.shape[0]
+    resized = token_id >= rows
+    if resized:
+        model.resize_token_embeddings(max(len(processor.tokenizer), token_id + 1))
+    model.config.image_token_index = token_id
+    return resized
+
+
+# `AutoProcessor.from_pretrained(folder)` -> this class; saves write `auto_map` + code for `trust_remote_code`.
+AutoProcessor.register(InstructBlipConfig, HfInstructBlipProcessor, exist_ok=True)
+HfInstructBlipProcessor.register_for_auto_class()
