@@ -124,8 +124,11 @@ class InstructBlipConfig(PretrainedConfig):
         self.text_config = _text_config(self.text_config)
         # Cross-attention keys/values are read from the vision features: their width is the vision width.
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
-        kwargs.pop("use_decoder_only_language_model", None)  # derived, recomputed below
+        kwargs.pop("use_decoder_only_language_model", None)  # derived, see the property
         super().__post_init__(**kwargs)
+        # Mirrors the LLM, so tools that ask (e.g. `Trainer` counting label tokens for `num_items_in_batch`: every
+        # label is a target for T5, while decoder-only labels are shifted) treat a T5-backed model correctly.
+        self.is_encoder_decoder = bool(getattr(self.text_config, "is_encoder_decoder", False))
 
     @property
     def use_decoder_only_language_model(self) -> bool:

@@ -1,0 +1,202 @@
+"""Instruction-tuning batches: raw `{image, instruction, answer}` records -> model inputs with `labels`.
+
+Token layout follows LAVIS (which never released this code for InstructBLIP; these are its `blip2_*_instruct`
+training semantics), built from token ids, never by re-splitting rendered strings:
+
+- decoder-only LLM: `[image x Q][bos][prompt][answer][eos][pad]` (right padding); labels are -100 on the
+  placeholders, bos, prompt and pad, so only `answer + eos` is learned.
+- encoder-decoder LLM (T5): encoder `[image x Q][prompt][eos][pad]`, labels `[answer][eos]` with pad -> -100
+  (the model builds `decoder_input_ids` from the labels).
+- prompt: left-truncated (the end of an instruction holds the question); answer: right-truncated, eos kept.
+- Q-Former: the instruction with its tokenizer's specials, left-truncated to `qformer_max_length`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100  # label value the loss skips
+
+
+def _check_records(records: Sequence[Any]) -> bool:
+    """Validate every record; return whether they carry a `dataset` name (all of them, or none)."""
+    if len(records) == 0:
+        raise ValueError("The collator received an empty batch (0 records).")
+    named = []
+    for index, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise TypeError(f"record {index}: expected a mapping with 'image', 'instruction', 'answer', "
+                            f"found {type(record).__name__}.")
+        for field in ("image", "instruction", "answer"):
+            if field not in record:
+                raise ValueError(f"record {index}: field '{field}' is missing (keys found: {sorted(record)}).")
+        if record["image"] is None:
+            raise ValueError(f"record {index}: field 'image' is None; expected an image the image processor accepts.")
+        for field in ("instruction", "answer"):
+            if not isinstance(record[field], str):
+                raise TypeError(f"record {index}: field '{field}' must be a str, "
+                                f"found {type(record[field]).__name__}.")
+        named.append(record.get("dataset") is not None)
+        if named[-1] and not isinstance(record["dataset"], str):
+            raise TypeError(f"record {index}: field 'dataset' must be a str, found {type(record['dataset']).__name__}.")
+    if any(named) and not all(named):
+        missing = [i for i, has in enumerate(named) if not has]
+        raise ValueError(f"records {missing}: field 'dataset' is missing while other records in the batch carry one; "
+                         "give every record a dataset name, or none.")
+    return all(named)
+
+
+def _pad_right(rows: list[list[int]], pad_id: int, fill: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists to the longest: `(ids [B, L], mask [B, L])`; `fill` overrides the pad value."""
+    length = max(len(row) for row in rows)
+    value = pad_id if fill is None else fill
+    ids = torch.full((len(rows), length), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+@dataclass
+class InstructBlipDataCollator:
+    """Collate `{image, instruction, answer[, dataset]}` records into InstructBLIP training inputs.
+
+    Args:
+        processor: provides `tokenizer` (LLM, with the image token), `qformer_tokenizer`, `image_processor`,
+            `num_query_tokens`, `image_token` and `image_token_id` (e.g. an `InstructBlipProcessor`).
+        decoder_only: layout for a decoder-only LLM (True) or an encoder-decoder one (False); pass
+            `model.config.use_decoder_only_language_model`.
+        max_input_length: prompt tokens kept (counting bos / eos the layout adds), cut from the left.
+        max_output_length: answer tokens kept counting the final eos, cut from the right.
+        qformer_max_length: Q-Former instruction tokens kept (counting its specials), cut from the left.
+        train_on_prompt: also learn the prompt tokens (decoder-only LLMs only).
+        add_bos: prepend bos to the decoder-only prompt; None -> when the tokenizer has a bos token.
+
+    Returns a dict of tensors `pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
+    attention_mask, labels`, plus `dataset` (list of str) when the records carry dataset names
+    (`InstructBlipTrainer` strips it before the model call and logs per-dataset statistics).
+
+    Example:
+        >>> collator = InstructBlipDataCollator(processor, decoder_only=model.config.use_decoder_only_language_model)
+        >>> batch = collator([{"image": image, "instruction": "What is shown?", "answer": "a dog"}])
+        >>> model(**batch).loss
+    """
+
+    processor: Any
+    decoder_only: bool
+    max_input_length: int = 128
+    max_output_length: int = 256
+    qformer_max_length: int = 128
+    train_on_prompt: bool = False
+    add_bos: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tokenizer", "qformer_tokenizer", "image_processor", "num_query_tokens", "image_token_id"):
+            if getattr(self.processor, name, None) is None:
+                raise TypeError(f"`processor` must provide `{name}` (an InstructBlipProcessor does); "
+                                f"found {type(self.processor).__name__} without it.")
+        if not isinstance(self.decoder_only, bool):
+            raise TypeError(f"`decoder_only` must be a bool, found {type(self.decoder_only).__name__}.")
+        for name, minimum in (("max_input_length", 1), ("max_output_length", 1), ("qformer_max_length", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`{name}` must be an int >= {minimum}, found {value!r}.")
+        if self.train_on_prompt and not self.decoder_only:
+            raise ValueError("`train_on_prompt=True` needs a decoder-only LLM: an encoder-decoder LLM reads the "
+                             "prompt in its encoder, where there is nothing to predict.")
+        tokenizer = self.processor.tokenizer
+        for name in ("eos_token_id", "pad_token_id"):
+            if getattr(tokenizer, name) is None:
+                raise ValueError(f"The LLM tokenizer has no {name.removesuffix('_id')} token; set one "
+                                 f"(e.g. `tokenizer.pad_token = tokenizer.unk_token`) before collating.")
+        if self.processor.qformer_tokenizer.pad_token_id is None:
+            raise ValueError("The Q-Former tokenizer has no pad token; set one before collating.")
+        if self.qformer_max_length <= self.processor.qformer_tokenizer.num_special_tokens_to_add(pair=False):
+            raise ValueError(f"`qformer_max_length` ({self.qformer_max_length}) leaves no room for text after "
+                             "the Q-Former tokenizer's special tokens.")
+
+    # --- token pieces -------------------------------------------------------------------------------------
+    def _encode(self, text: str, index: int, field: str) -> list[int]:
+        """LLM ids of `text` without special tokens; the image placeholder may not appear in text."""
+        ids = self.processor.tokenizer.encode(text, add_special_tokens=False)
+        if self.processor.image_token_id in ids:
+            token = getattr(self.processor, "image_token", self.processor.image_token_id)
+            raise ValueError(f"record {index}: field '{field}' contains the image token {token!r}; the collator "
+                             "places the image itself, remove the token from the text.")
+        return ids
+
+    def _prompt_ids(self, instruction: str, index: int) -> tuple[list[int], list[int]]:
+        """`(prefix specials, prompt ids)` with the prompt left-truncated to fit `max_input_length`."""
+        tokenizer = self.processor.tokenizer
+        if self.decoder_only:
+            use_bos = tokenizer.bos_token_id is not None if self.add_bos is None else self.add_bos
+            specials = [tokenizer.bos_token_id] if use_bos else []
+        else:
+            specials = [tokenizer.eos_token_id]  # T5 encoder input ends with eos (appended after the prompt)
+        budget = max(self.max_input_length - len(specials), 0)
+        ids = self._encode(instruction, index, "instruction")
+        return specials, ids[len(ids) - budget:] if budget else []
+
+    def _answer_ids(self, answer: str, index: int) -> list[int]:
+        """Answer ids right-truncated to `max_output_length - 1`, then eos (always kept)."""
+        ids = self._encode(answer, index, "answer")[: self.max_output_length - 1]
+        return ids + [self.processor.tokenizer.eos_token_id]
+
+    def _qformer_ids(self, instruction: str) -> list[int]:
+        """Q-Former ids with the tokenizer's own specials; left truncation drops text, never specials."""
+        encoded = self.processor.qformer_tokenizer(instruction, return_special_tokens_mask=True)
+        ids, special = encoded["input_ids"], encoded["special_tokens_mask"]
+        excess = len(ids) - self.qformer_max_length
+        if excess <= 0:
+            return ids
+        text_positions = [i for i, is_special in enumerate(special) if not is_special]
+        dropped = set(text_positions[:excess])  # the oldest text tokens go first
+        return [token for i, token in enumerate(ids) if i not in dropped]
+
+    # --- one record -> id lists -----------------------------------------------------------------------------
+    def _decoder_only_rows(self, record: Mapping, index: int) -> tuple[list[int], list[int]]:
+        """`(input ids, labels)` for `[image x Q][bos][prompt][answer eos]`."""
+        bos, prompt = self._prompt_ids(record["instruction"], index)
+        answer = self._answer_ids(record["answer"], index)
+        image = [self.processor.image_token_id] * self.processor.num_query_tokens
+        prompt_labels = prompt if self.train_on_prompt else [IGNORE_INDEX] * len(prompt)
+        labels = [IGNORE_INDEX] * (len(image) + len(bos)) + prompt_labels + answer
+        return image + bos + prompt + answer, labels
+
+    def _encoder_decoder_rows(self, record: Mapping, index: int) -> tuple[list[int], list[int]]:
+        """`(encoder ids, labels)` for encoder `[image x Q][prompt][eos]`, labels `[answer eos]`."""
+        eos, prompt = self._prompt_ids(record["instruction"], index)
+        image = [self.processor.image_token_id] * self.processor.num_query_tokens
+        return image + prompt + eos, self._answer_ids(record["answer"], index)
+
+    # --- batch ----------------------------------------------------------------------------------------------
+    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        named = _check_records(records)
+        rows = self._decoder_only_rows if self.decoder_only else self._encoder_decoder_rows
+        inputs, labels = zip(*(rows(record, i) for i, record in enumerate(records)))
+        pad_id = self.processor.tokenizer.pad_token_id
+        input_ids, attention_mask = _pad_right(list(inputs), pad_id)  # [B, L]; right padding for training
+        label_ids, _ = _pad_right(list(labels), pad_id, fill=IGNORE_INDEX)  # [B, L] (T5: [B, L_answer])
+        qformer_ids, qformer_mask = _pad_right(
+            [self._qformer_ids(record["instruction"]) for record in records],
+            self.processor.qformer_tokenizer.pad_token_id,
+        )
+        pixel_values = self.processor.image_processor(
+            images=[record["image"] for record in records], return_tensors="pt"
+        )["pixel_values"]  # [B, 3, H, W]
+        batch = {
+            "pixel_values": pixel_values,
+            "qformer_input_ids": qformer_ids,
+            "qformer_attention_mask": qformer_mask,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": label_ids,
+        }
+        if named:
+            batch["dataset"] = [record["dataset"] for record in records]
+        return batch

@@ -1,0 +1,201 @@
+"""`InstructBlipTrainer`: the stock `Trainer`, fitted to InstructBLIP instruction tuning.
+
+What it changes, and why:
+- `remove_unused_columns` is turned off: `InstructBlipDataCollator` reads raw record fields (`image`,
+  `instruction`, `answer`) that the model's `forward` does not take, so the default would hand it empty dicts.
+- gradient accumulation is exact on both LLM paths: the model normalises its own loss by `num_items_in_batch`,
+  which `Trainer` counts over shifted labels only for decoder-only LLMs (the config's `is_encoder_decoder`
+  mirrors the LLM's: for T5 every label is a target).
+- `train_sampler`: any `torch.utils.data.Sampler` (e.g. the balanced mixture sampler) drives the train loader.
+- records named by `dataset` get per-dataset sample counts and loss in the logs.
+- saving: the full model by default (loadable with `from_pretrained`); `save_trainable_only=True` writes only
+  the trained weights (`instructblip_trainable.safetensors`, see `load_trainable_weights`). PEFT runs always
+  write that file next to the adapter, since the Q-Former is not part of the adapter.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+from transformers import Trainer
+from transformers.utils import (
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
+
+from .collator import IGNORE_INDEX, InstructBlipDataCollator
+from .freezing import TRAINABLE_WEIGHTS_NAME, instructblip_base, load_trainable_weights, save_trainable_weights
+
+
+def _is_peft_model(model: torch.nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+@torch.no_grad()
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy and labelled-token count per row: `([B], [B])`.
+
+    One row at a time so at most `[L, V]` float logits exist at once (the vocabulary can be large).
+    """
+    if shift:  # decoder-only: position t predicts label t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    labels = labels.to(logits.device)
+    sums = torch.stack([
+        torch.nn.functional.cross_entropy(row.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+        for row, target in zip(logits, labels)
+    ])
+    return sums, (labels != IGNORE_INDEX).sum(dim=1)
+
+
+class InstructBlipTrainer(Trainer):
+    """`Trainer` for InstructBLIP instruction tuning (Q-Former only, optionally + PEFT adapters).
+
+    Args (besides `Trainer`'s):
+        train_sampler: sampler for the training DataLoader, e.g. a balanced mixture sampler over a
+            `ConcatDataset`. It must yield the same indices on every process (seed it, avoid global RNG):
+            accelerate splits its batches across processes. Its `set_epoch(epoch)`, when present, is called
+            each epoch. None -> `Trainer`'s default (random) sampler.
+        save_trainable_only: save only the trained weights (`instructblip_trainable.safetensors`) instead of
+            the full model; load them with `load_trainable_weights(base_model, checkpoint_dir)`.
+
+    Example:
+        >>> freeze_for_instruction_tuning(model)
+        >>> collator = InstructBlipDataCollator(processor, decoder_only=model.config.use_decoder_only_language_model)
+        >>> trainer = InstructBlipTrainer(model=model, args=TrainingArguments("out"), train_dataset=records,
+        ...                               data_collator=collator)
+        >>> trainer.train()
+    """
+
+    def __init__(self, *args: Any, train_sampler: Sampler | None = None, save_trainable_only: bool = False,
+                 **kwargs: Any) -> None:
+        if train_sampler is not None and not isinstance(train_sampler, Sampler):
+            raise TypeError(f"`train_sampler` must be a torch.utils.data.Sampler or None, "
+                            f"found {type(train_sampler).__name__}.")
+        if not isinstance(save_trainable_only, bool):
+            raise TypeError(f"`save_trainable_only` must be a bool, found {type(save_trainable_only).__name__}.")
+        self.train_sampler = train_sampler
+        self.save_trainable_only = save_trainable_only
+        self._dataset_samples: dict[str, int] = defaultdict(int)  # cumulative, per dataset name
+        self._dataset_loss: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # since last log: sum, tokens
+        super().__init__(*args, **kwargs)
+        self.args.remove_unused_columns = False  # the collator needs the raw record fields
+        config = instructblip_base(self.model).config
+        self._check_collator(config)
+
+    def _check_collator(self, config) -> None:
+        """Catch a collator built for another LLM kind or image token before the first step does."""
+        collator = self.data_collator
+        if not isinstance(collator, InstructBlipDataCollator):
+            return
+        decoder_only = config.use_decoder_only_language_model
+        if collator.decoder_only != decoder_only:
+            kind = "decoder-only" if decoder_only else "encoder-decoder"
+            raise ValueError(f"`data_collator` was built with decoder_only={collator.decoder_only}, but the model's "
+                             f"LLM is {kind}; pass decoder_only=model.config.use_decoder_only_language_model.")
+        if collator.processor.image_token_id != config.image_token_index:
+            raise ValueError(f"`data_collator` places image token id {collator.processor.image_token_id}, but "
+                             f"model.config.image_token_index is {config.image_token_index}; they must match.")
+
+    # --- data ---------------------------------------------------------------------------------------------
+    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Sampler | None:
+        if self.train_sampler is not None:
+            return self.train_sampler
+        return super()._get_train_sampler(*args, **kwargs)
+
+    # --- loss + per-dataset statistics ----------------------------------------------------------------
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """`Trainer.compute_loss` after removing the `dataset` names, which are recorded for the logs."""
+        inputs = dict(inputs)
+        names = inputs.pop("dataset", None)
+        if names is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        labels = inputs["labels"]
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        self._record(names, outputs.logits.detach(), labels)
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+        """`Trainer.prediction_step` without the `dataset` names (the model does not take them)."""
+        return super().prediction_step(model, {k: v for k, v in inputs.items() if k != "dataset"}, *args, **kwargs)
+
+    def _record(self, names: list[str], logits: torch.Tensor, labels: torch.Tensor) -> None:
+        shift = instructblip_base(self.model).config.use_decoder_only_language_model
+        sums, counts = per_sample_loss(logits, labels, shift)
+        for name, total, count in zip(names, sums.tolist(), counts.tolist()):
+            self._dataset_samples[name] += 1
+            self._dataset_loss[name][0] += total
+            self._dataset_loss[name][1] += count
+
+    def _dataset_logs(self) -> dict[str, float]:
+        """`dataset/<name>/samples` (cumulative, all processes) and `dataset/<name>/loss` (since the last log)."""
+        stats = {name: (self._dataset_samples[name], *self._dataset_loss[name]) for name in self._dataset_samples}
+        self._dataset_loss.clear()
+        per_process = [stats]
+        if self.args.world_size > 1:  # every process logs at the same step, so this collective is safe
+            from accelerate.utils import gather_object
+
+            per_process = gather_object([stats])
+        merged: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+        for process_stats in per_process:
+            for name, values in process_stats.items():
+                for i, value in enumerate(values):
+                    merged[name][i] += value
+        logs = {}
+        for name, (samples, loss_sum, tokens) in sorted(merged.items()):
+            logs[f"dataset/{name}/samples"] = samples
+            if tokens:
+                logs[f"dataset/{name}/loss"] = loss_sum / tokens
+        return logs
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._dataset_samples:  # training logs only, not eval / end-of-train summaries
+            logs = {**logs, **self._dataset_logs()}
+        super().log(logs, *args, **kwargs)
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Full model (or PEFT adapter) as `Trainer` does, or only the trained weights; PEFT runs add those."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        peft = _is_peft_model(model)
+        if not self.save_trainable_only:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        elif self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            if peft:
+                model.save_pretrained(output_dir)  # adapter weights + adapter config only
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+        if (self.save_trainable_only or peft) and self.args.should_save:
+            save_trainable_weights(model, output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Resume: `Trainer`'s loading for full / adapter weights, then `instructblip_trainable.safetensors`."""
+        model = model if model is not None else self.model
+        trainable = os.path.join(resume_from_checkpoint, TRAINABLE_WEIGHTS_NAME)
+        if not os.path.isfile(trainable):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        weight_files = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
+                        ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
+        if any(os.path.isfile(os.path.join(resume_from_checkpoint, name)) for name in weight_files):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_trainable_weights(self.accelerator.unwrap_model(model), trainable)
