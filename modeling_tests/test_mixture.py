@@ -1,0 +1,133 @@
+"""Instruction-mixture builder: sources (lists of dicts, JSON-lines files) -> records, sampler, collator."""
+
+from __future__ import annotations
+
+import io
+import json
+from types import SimpleNamespace
+
+import pytest
+import tiny
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from hf_instructblip.mixture import (
+    InstructionDataset,
+    MixtureSource,
+    build_instruction_mixture,
+    load_image,
+    read_json_lines,
+)
+from hf_instructblip.templates import TEMPLATES
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def sources(tmp_path):
+    """Captions held in memory as PIL images, VQA rows on disk as a JSON-lines file with relative paths."""
+    pictures = tiny.images(6, seed=1)
+    captions = [{"image": pictures[i], "caption": f"caption {i}"} for i in range(2)]
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i in range(4):
+        pictures[2 + i].save(tmp_path / "images" / f"{i}.png")
+        rows.append({"image": f"images/{i}.png", "question": f"question {i}", "answer": f"answer {i}"})
+    path = tmp_path / "vqa.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n\n")
+    return [MixtureSource("captions", captions, task="coco_caption"), MixtureSource("vqa", path, task="vqav2")], pictures
+
+
+def test_builder_concatenates_sources_as_instruction_records(sources):
+    sources, pictures = sources
+    mixture = build_instruction_mixture(sources, seed=1)
+    assert len(mixture.dataset) == 6 and mixture.collator is None
+    assert mixture.sampler.names == ("captions", "vqa") and mixture.sampler.sizes == (2, 4)
+    for k in range(6):
+        item = mixture.dataset[k]
+        assert sorted(item) == ["answer", "dataset", "image", "instruction"]
+        assert item["image"].mode == "RGB"
+        assert list(item["image"].getdata()) == list(pictures[k].getdata())  # the right picture, loaded
+    assert mixture.dataset[0]["instruction"] in TEMPLATES["image_captioning"]
+    assert mixture.dataset[0]["answer"] == "caption 0"
+    assert mixture.dataset[3]["instruction"] in {t.format("question 1") for t in TEMPLATES["vqa"]}
+    assert mixture.dataset[3]["answer"] == "answer 1"
+
+
+def test_sampler_indices_and_record_names_agree(sources):
+    sources, _ = sources
+    # sqrt(2) : sqrt(4) with the vqa source doubled -> 1.414 : 4, 12 samples -> 3.13, 8.87 -> 3, 9
+    mixture = build_instruction_mixture(sources, multipliers={"vqa": 2.0}, num_samples=12, seed=0)
+    assert list(mixture.sampler.counts) == [3, 9]
+    for index in mixture.sampler:
+        assert mixture.dataset[index]["dataset"] == mixture.sampler.names[mixture.sampler.dataset_index(index)]
+
+
+def test_dict_of_sources_uses_names_as_tasks():
+    rows = [{"image": tiny.images(1)[0], "question": "q", "answer": "a"}]
+    mixture = build_instruction_mixture({"okvqa": rows, "vqav2_qg": rows})
+    assert mixture.dataset[0]["dataset"] == "okvqa" and mixture.dataset[1]["answer"] == "q"  # qg: target = question
+
+
+def test_image_loading_accepts_datasets_byte_dicts_and_reports_missing_files(tmp_path):
+    picture = tiny.images(1, seed=3)[0]
+    loaded = load_image({"bytes": png_bytes(picture), "path": None})
+    assert list(loaded.getdata()) == list(picture.getdata())
+    with pytest.raises(ValueError, match="not found"):
+        load_image("missing.png", tmp_path)
+    with pytest.raises(TypeError, match="image"):
+        load_image(3)
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"image": "a.png"}\nnot json\n')
+    with pytest.raises(ValueError, match="broken.jsonl:2"):
+        read_json_lines(broken)
+    with pytest.raises(ValueError, match="task"):
+        InstructionDataset([], task="nope")
+    with pytest.raises(ValueError, match="sources"):
+        build_instruction_mixture([])
+    with pytest.raises(ValueError, match="distinct"):
+        build_instruction_mixture([MixtureSource("a", [{}], task="vqa"), MixtureSource("a", [{}], task="vqa")])
+    with pytest.raises(TypeError, match="MixtureSource"):
+        build_instruction_mixture([("a", [])])
+    with pytest.raises(ValueError, match="size 0"):  # an empty source under uniform weighting
+        build_instruction_mixture([MixtureSource("a", [], task="vqa"), MixtureSource("b", [{}], task="vqa")], alpha=0)
+
+
+def tiny_processor():
+    """The processor interface the collator documents, from the tiny tokenizers and image processor."""
+    tokenizer = tiny.llm_tokenizer("llama")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return SimpleNamespace(tokenizer=tokenizer, qformer_tokenizer=tiny.qformer_tokenizer(),
+                           image_processor=tiny.image_processor(), num_query_tokens=tiny.NUM_QUERY_TOKENS,
+                           image_token="<image>", image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+
+
+def test_collator_batches_feed_the_model(sources):
+    collator_module = pytest.importorskip("hf_instructblip.collator")
+    from hf_instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    sources, _ = sources
+    processor = tiny_processor()
+    mixture = build_instruction_mixture(sources, processor=processor, decoder_only=True, num_samples=4,
+                                        collator_kwargs={"max_input_length": 32})
+    assert isinstance(mixture.collator, collator_module.InstructBlipDataCollator)
+    batches = list(DataLoader(mixture.dataset, sampler=mixture.sampler, batch_size=2, collate_fn=mixture.collator))
+    order = list(mixture.sampler)
+    assert [name for batch in batches for name in batch["dataset"]] == \
+        [mixture.sampler.names[mixture.sampler.dataset_index(i)] for i in order]
+
+    config = InstructBlipConfig(**tiny.config_kwargs("llama", image_token_index=processor.image_token_id))
+    model = tiny.randomize_(InstructBlipForConditionalGeneration(config)).eval()
+    batch = {key: value for key, value in batches[0].items() if key != "dataset"}
+    assert torch.isfinite(model(**batch).loss)
+
+    with pytest.raises(ValueError, match="decoder_only"):
+        build_instruction_mixture(sources, processor=processor)

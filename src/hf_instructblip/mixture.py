@@ -1,0 +1,188 @@
+"""Instruction mixture builder: several datasets + task names -> ConcatDataset, balanced sampler, collator.
+
+Each source is a map-style dataset of dicts (a Hugging Face `datasets.Dataset`, a list of dicts, ...) or a
+JSON-lines file of ``{"image", "question", "answer"}`` / ``{"image", "caption"}`` rows whose image paths are
+relative to the file's folder. Every example becomes ``{"image": PIL image, "instruction", "answer",
+"dataset"}`` through `make_instruction_record`, with a template of its task fixed by (seed, source, index).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+
+from .sampler import BalancedConcatSampler
+from .templates import make_instruction_record, template_family
+
+
+def read_json_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (blank lines skipped); errors name the file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: expected one JSON object per line ({error})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def load_image(image: Any, root: str | os.PathLike | None = None) -> Image.Image:
+    """An RGB PIL image from a PIL image, a path (relative to `root`) or a `datasets` {"bytes", "path"} dict."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, Mapping) and (image.get("bytes") or image.get("path")):
+        # `datasets.Image(decode=False)` rows: bytes when embedded, else a path.
+        return load_image(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"], root)
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(root, image) if root is not None else Path(image)
+        if not path.is_file():
+            raise ValueError(f"image: file not found: {path}")
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    if isinstance(image, io.BytesIO):
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    raise TypeError(f"image: expected a PIL image, a path or a {{'bytes', 'path'}} dict, got {type(image).__name__}")
+
+
+@dataclass(frozen=True)
+class MixtureSource:
+    """One dataset of the mixture.
+
+    Args:
+        name: dataset name (per-dataset logging, sampler multipliers by name).
+        data: a map-style dataset of dicts or the path of a JSON-lines file.
+        task: template family, category or paper dataset name (see `templates.template_family`);
+            defaults to `name`.
+        image_root: folder that relative image paths start from; defaults to a JSON-lines file's folder.
+
+    Example:
+        >>> MixtureSource("my_vqa", "train.jsonl", task="vqa")
+        MixtureSource(name='my_vqa', data='train.jsonl', task='vqa', image_root=None)
+    """
+
+    name: str
+    data: Any
+    task: str | None = None
+    image_root: str | os.PathLike | None = None
+
+
+class InstructionDataset(Dataset):
+    """A source's raw examples as collator records ``{image, instruction, answer, dataset}``.
+
+    Example:
+        >>> data = InstructionDataset([{"image": image, "caption": "a dog"}], task="coco_caption")
+        >>> sorted(data[0])
+        ['answer', 'dataset', 'image', 'instruction']
+    """
+
+    def __init__(self, data: Any, task: str, *, name: str | None = None, seed: int = 0,
+                 image_root: str | os.PathLike | None = None) -> None:
+        if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+            raise TypeError(f"data: expected a map-style dataset (len and indexing), got {type(data).__name__}")
+        template_family(task)  # fail now on an unknown task, not in a DataLoader worker
+        self.data, self.task, self.name = data, task, task if name is None else name
+        self.seed, self.image_root = seed, image_root
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.data[index]
+        if not isinstance(example, Mapping):
+            raise TypeError(f"{self.name}[{index}]: expected a dict example, got {type(example).__name__}")
+        record = make_instruction_record(example, self.task, seed=self.seed, index=index, dataset=self.name)
+        record["image"] = load_image(record["image"], self.image_root)
+        return record
+
+
+@dataclass
+class InstructionMixture:
+    """What `InstructBlipTrainer` needs: ``train_dataset=dataset, train_sampler=sampler, data_collator=collator``."""
+
+    dataset: ConcatDataset
+    sampler: BalancedConcatSampler
+    collator: Any | None
+
+
+def _as_sources(sources: Sequence[MixtureSource] | Mapping[str, Any]) -> list[MixtureSource]:
+    if isinstance(sources, Mapping):
+        sources = [MixtureSource(name, data) for name, data in sources.items()]
+    if isinstance(sources, (str, bytes)) or not isinstance(sources, Sequence) or len(sources) == 0:
+        raise ValueError(f"sources: expected a non-empty list of MixtureSource or a {{name: data}} dict, got {sources!r}")
+    for i, source in enumerate(sources):
+        if not isinstance(source, MixtureSource):
+            raise TypeError(f"sources[{i}]: expected a MixtureSource, got {type(source).__name__}")
+    return list(sources)
+
+
+def _source_dataset(source: MixtureSource, seed: int) -> InstructionDataset:
+    data, root = source.data, source.image_root
+    if isinstance(data, (str, os.PathLike)):
+        root = Path(data).parent if root is None else root
+        data = read_json_lines(data)
+    return InstructionDataset(data, source.task or source.name, name=source.name, seed=seed, image_root=root)
+
+
+def _make_collator(processor: Any, decoder_only: bool | None, collator_kwargs: Mapping[str, Any] | None) -> Any:
+    """The training collator, when `hf_instructblip.collator` is available (imported lazily: optional here)."""
+    try:
+        from .collator import InstructBlipDataCollator
+    except ImportError as error:
+        warnings.warn(f"hf_instructblip.collator is not importable ({error}); returning no collator", stacklevel=3)
+        return None
+    if not isinstance(decoder_only, bool):
+        raise ValueError("decoder_only: expected a bool with a processor "
+                         f"(model.config.use_decoder_only_language_model), got {decoder_only!r}")
+    return InstructBlipDataCollator(processor, decoder_only=decoder_only, **dict(collator_kwargs or {}))
+
+
+def build_instruction_mixture(
+    sources: Sequence[MixtureSource] | Mapping[str, Any],
+    *,
+    processor: Any = None,
+    decoder_only: bool | None = None,
+    collator_kwargs: Mapping[str, Any] | None = None,
+    alpha: float = 0.5,
+    multipliers: Sequence[float] | Mapping[str | int, float] | None = None,
+    size_cap: int | None = None,
+    num_samples: int | None = None,
+    seed: int = 0,
+) -> InstructionMixture:
+    """Concatenate the sources as instruction records and balance them with `BalancedConcatSampler`.
+
+    A `{name: data}` dict uses each name as the task (a paper dataset, category or template family).
+    The collator is built only when `processor` is given and `hf_instructblip.collator` is importable
+    (imported lazily); otherwise `collator` is None. `seed` drives both the sampler and the templates.
+
+    Example:
+        >>> mixture = build_instruction_mixture(
+        ...     [MixtureSource("coco", "coco.jsonl", task="coco_caption"), MixtureSource("vqa", hf_vqa, task="vqav2")],
+        ...     processor=processor, decoder_only=True, multipliers={"vqa": 2.0})
+        >>> trainer = InstructBlipTrainer(model, args, train_dataset=mixture.dataset,
+        ...                               train_sampler=mixture.sampler, data_collator=mixture.collator)
+    """
+    sources = _as_sources(sources)
+    names = [source.name for source in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"sources: expected distinct names, got {names}")
+    dataset = ConcatDataset([_source_dataset(source, seed) for source in sources])
+    sampler = BalancedConcatSampler(dataset, alpha=alpha, multipliers=multipliers, size_cap=size_cap,
+                                    num_samples=num_samples, names=names, seed=seed)
+    collator = _make_collator(processor, decoder_only, collator_kwargs) if processor is not None else None
+    return InstructionMixture(dataset=dataset, sampler=sampler, collator=collator)
