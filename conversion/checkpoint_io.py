@@ -1,0 +1,102 @@
+"""Safe loading of conversion inputs: LAVIS `.pth` files, EVA ViT weights and Hugging Face LLM folders.
+
+`.pth` / `.bin` files go through `torch.load(weights_only=True)` only (a pickle that would run code is refused)
+and are memory-mapped when they use the zip format, so a 13B checkpoint is not read into RAM up front.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, PretrainedConfig
+
+LLM_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def load_torch_file(path: str | Path, what: str) -> object:
+    """`torch.load(path, weights_only=True, mmap=...)` with clear refusals for unsafe or broken files.
+
+    `what` names the argument the file came from (e.g. "--checkpoint"), for the error messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what}: expected an existing file, found no file at {path}.")
+    # mmap needs the zip format (torch >= 1.6); older files are read normally.
+    mmap = zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{what}: refusing to load {path}: it is not a plain tensor checkpoint (its pickle references code or "
+            f"objects that `torch.load(weights_only=True)` does not allow; loading it could run that code). "
+            f"Details: {str(err).strip().splitlines()[-1]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(
+            f"{what}: {path} is not a complete PyTorch checkpoint (truncated or corrupt; re-download it). "
+            f"Details: {str(err).splitlines()[0]}"
+        ) from None
+
+
+def unwrap_state_dict(obj: object, what: str) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a checkpoint: LAVIS saves `{"model": state_dict, "optimizer": ..., ...}`."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(
+            f"{what}: expected a state dict (or a dict with a 'model' state dict), found {type(obj).__name__}."
+        )
+    not_tensors = [key for key, value in obj.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(
+            f"{what}: expected a state dict of tensors, found non-tensor entries {not_tensors[:10]}"
+            f"{' ...' if len(not_tensors) > 10 else ''} (top-level keys: {list(obj)[:10]})."
+        )
+    return dict(obj)
+
+
+def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """A state dict from a `.safetensors` file or (safely) from a `.pth` / `.bin` checkpoint."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise ValueError(f"{what}: expected an existing file, found no file at {path}.")
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"{what}: {path} is not a valid safetensors file: {err}") from None
+    return unwrap_state_dict(load_torch_file(path, what), what)
+
+
+def resolve_llm_folder(llm: str) -> Path:
+    """A local folder as is; otherwise a Hub repo id, downloaded (config, weights, tokenizer files)."""
+    if Path(llm).is_dir():
+        return Path(llm)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(llm, allow_patterns=["*.json", "*.model", *LLM_WEIGHT_PATTERNS]))
+
+
+def load_llm(llm: str, what: str = "--llm") -> tuple[dict[str, torch.Tensor], PretrainedConfig]:
+    """The state dict and config of a Hugging Face LLM (Hub id or local folder)."""
+    folder = resolve_llm_folder(llm)
+    config = AutoConfig.from_pretrained(folder)
+    for pattern in LLM_WEIGHT_PATTERNS:
+        files = sorted(folder.glob(pattern))
+        if files:
+            break
+    else:
+        raise ValueError(f"{what}: expected weight files ({' or '.join(LLM_WEIGHT_PATTERNS)}) in {folder}, found none.")
+    state_dict: dict[str, torch.Tensor] = {}
+    for file in files:
+        part = load_state_dict_file(file, what)
+        clashes = sorted(set(part) & set(state_dict))
+        if clashes:
+            raise ValueError(f"{what}: keys {clashes[:5]} appear in more than one weight file of {folder}.")
+        state_dict.update(part)
+    return state_dict, config
