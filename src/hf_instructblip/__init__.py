@@ -1,14 +1,40 @@
 """InstructBLIP as a Hugging Face transformers plugin.
 
-`import hf_instructblip` registers our config and model with `AutoConfig`, `AutoModel` and
-`AutoModelForImageTextToText`, so `AutoModel.from_pretrained(path).generate(...)` works.
+`import hf_instructblip` registers our config, model and processor with `AutoConfig`, `AutoModel`,
+`AutoModelForImageTextToText` and `AutoProcessor`, so `AutoModel.from_pretrained(path).generate(...)` works.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
+from .collator import InstructBlipDataCollator
 from .configuration import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
+from .freezing import (
+    ParameterTable,
+    freeze_for_instruction_tuning,
+    load_trainable_weights,
+    parameter_table,
+    save_trainable_weights,
+    trainable_state_dict,
+)
+from .metrics import (
+    CiderResult,
+    cider_d,
+    exact_match_accuracy,
+    mean_reciprocal_rank,
+    normalize_vqa_answer,
+    roc_auc,
+    target_rank,
+    vqa_accuracy,
+    vqa_example_accuracy,
+)
+from .mixture import InstructionDataset, InstructionMixture, MixtureSource, build_instruction_mixture
 from .modeling import InstructBlipForConditionalGeneration
+from .processing import HfInstructBlipProcessor, InstructBlipProcessor, sync_image_token
 from .qformer import InstructBlipQFormerModel
+from .ranking import CandidateRanking, rank_candidates
+from .sampler import BalancedConcatSampler, SamplerEpochCallback
+from .templates import eval_prompt, make_instruction_record, template_family, templates_for
+from .trainer import InstructBlipTrainer
 from .vision_encoder import InstructBlipVisionModel
 
 AutoConfig.register(InstructBlipConfig.model_type, InstructBlipConfig, exist_ok=True)
@@ -16,14 +42,45 @@ AutoModel.register(InstructBlipConfig, InstructBlipForConditionalGeneration, exi
 AutoModelForImageTextToText.register(InstructBlipConfig, InstructBlipForConditionalGeneration, exist_ok=True)
 # Every save / push writes `auto_map` and our code files, so `trust_remote_code=True` works without this package.
 InstructBlipConfig.register_for_auto_class()
-InstructBlipForConditionalGeneration.register_for_auto_class("AutoModel")
 InstructBlipForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
+    "BalancedConcatSampler",
+    "CandidateRanking",
+    "CiderResult",
+    "HfInstructBlipProcessor",
     "InstructBlipConfig",
+    "InstructBlipDataCollator",
     "InstructBlipForConditionalGeneration",
+    "InstructBlipProcessor",
     "InstructBlipQFormerConfig",
     "InstructBlipQFormerModel",
+    "InstructBlipTrainer",
     "InstructBlipVisionConfig",
     "InstructBlipVisionModel",
+    "InstructionDataset",
+    "InstructionMixture",
+    "MixtureSource",
+    "ParameterTable",
+    "SamplerEpochCallback",
+    "build_instruction_mixture",
+    "cider_d",
+    "eval_prompt",
+    "exact_match_accuracy",
+    "freeze_for_instruction_tuning",
+    "load_trainable_weights",
+    "make_instruction_record",
+    "mean_reciprocal_rank",
+    "normalize_vqa_answer",
+    "parameter_table",
+    "rank_candidates",
+    "roc_auc",
+    "save_trainable_weights",
+    "sync_image_token",
+    "target_rank",
+    "template_family",
+    "templates_for",
+    "trainable_state_dict",
+    "vqa_accuracy",
+    "vqa_example_accuracy",
 ]
