@@ -33,6 +33,7 @@ from transformers.utils import (
 
 from .collator import IGNORE_INDEX, InstructBlipDataCollator
 from .freezing import TRAINABLE_WEIGHTS_NAME, instructblip_base, load_trainable_weights, save_trainable_weights
+from .sampler import SamplerEpochCallback
 
 
 def _is_peft_model(model: torch.nn.Module) -> bool:
@@ -65,8 +66,9 @@ class InstructBlipTrainer(Trainer):
     Args (besides `Trainer`'s):
         train_sampler: sampler for the training DataLoader, e.g. a balanced mixture sampler over a
             `ConcatDataset`. It must yield the same indices on every process (seed it, avoid global RNG):
-            accelerate splits its batches across processes. Its `set_epoch(epoch)`, when present, is called
-            each epoch. None -> `Trainer`'s default (random) sampler.
+            accelerate splits its batches across processes. When it has `set_epoch(epoch)`, a
+            `SamplerEpochCallback` is added so every epoch, a resumed one included, gets its own order.
+            None -> `Trainer`'s default (random) sampler.
         save_trainable_only: save only the trained weights (`instructblip_trainable.safetensors`) instead of
             the full model; load them with `load_trainable_weights(base_model, checkpoint_dir)`.
 
@@ -91,8 +93,22 @@ class InstructBlipTrainer(Trainer):
         self._dataset_loss: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # since last log: sum, tokens
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False  # the collator needs the raw record fields
+        self._add_sampler_epoch_callback()
         config = instructblip_base(self.model).config
         self._check_collator(config)
+
+    def _add_sampler_epoch_callback(self) -> None:
+        """Drive `train_sampler.set_epoch` from `Trainer`'s state, unless the caller already did.
+
+        Why: when a run on several processes resumes mid-epoch, accelerate's `SkipBatchSampler` hides the
+        sampler from `Trainer`'s own `set_epoch` calls, and the resumed epoch would replay epoch 0's order.
+        """
+        sampler = self.train_sampler
+        if not callable(getattr(sampler, "set_epoch", None)):
+            return
+        callbacks = self.callback_handler.callbacks
+        if not any(isinstance(cb, SamplerEpochCallback) and cb.sampler is sampler for cb in callbacks):
+            self.add_callback(SamplerEpochCallback(sampler))
 
     def _check_collator(self, config) -> None:
         """Catch a collator built for another LLM kind or image token before the first step does."""
