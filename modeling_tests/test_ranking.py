@@ -88,10 +88,10 @@ def test_ranking_matches_pairwise_forward(setup, reduction):
     assert result.best == [order[0] for order in result.ranking]
 
 
-def test_string_candidates_and_chunking_agree_with_token_ids(setup):
+def test_string_candidates_chunking_and_model_method_agree_with_token_ids(setup):
     kind, model, tokenizer, inputs, _, cand_ids = setup
     by_ids = rank_candidates(model, **inputs, candidates=cand_ids)
-    by_text = rank_candidates(model, **inputs, candidates=CANDIDATES, tokenizer=tokenizer, candidate_batch_size=2)
+    by_text = model.rank_candidates(**inputs, candidates=CANDIDATES, tokenizer=tokenizer, candidate_batch_size=2)
     for a, b in zip(by_ids.scores, by_text.scores):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert by_ids.ranking == by_text.ranking

@@ -239,6 +239,13 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
             language_model_outputs=outputs,
         )
 
+    def rank_candidates(self, *args, **kwargs):
+        """Score candidate answers by log-likelihood given image + instruction; see
+        `hf_instructblip.ranking.rank_candidates` (this model is its first argument)."""
+        from .ranking import rank_candidates
+
+        return rank_candidates(self, *args, **kwargs)
+
     # --- generation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
