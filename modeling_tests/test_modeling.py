@@ -305,3 +305,24 @@ def test_error_bad_pixel_values(model, pixels, message):
 def test_error_pixel_values_not_a_tensor(model):
     with pytest.raises(TypeError, match="`pixel_values` must be a torch.Tensor, found list"):
         model(**{**batch_inputs(), "pixel_values": [[0.0]]})
+
+
+def test_training_forward_computes_logits_only_from_the_first_label():
+    """Same loss and gradients as full logits, while the LM head skips image and prompt positions."""
+    inputs = batch_inputs(seed=13)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[0, -2:] = inputs["input_ids"][0, -2:]
+    labels[2, -3:] = inputs["input_ids"][2, -3:]  # earliest labelled position: column 8 of 11
+    results = []
+    for train_mode in (False, True):
+        model = make_ours("llama", seed=13).train(train_mode)
+        output = model(**inputs, labels=labels)
+        output.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((output, grads))
+    (full, full_grads), (tail, tail_grads) = results
+    assert full.logits.shape[1] == 11 and tail.logits.shape[1] == 4  # positions 7..10
+    torch.testing.assert_close(tail.logits, full.logits[:, -4:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(tail.loss, full.loss, atol=1e-6, rtol=0)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(tail_grads[name], grad, atol=1e-6, rtol=1e-5)

@@ -60,6 +60,18 @@ def language_modeling_loss(
     return total / num_items_in_batch
 
 
+def labelled_tail(labels: torch.Tensor) -> int:
+    """Trailing positions a decoder-only loss needs: from the one before the first labelled token to the end.
+
+    Training rows are `[image][prompt][answer][pad]` with labels only on the answer, so the LM head (a
+    `[D, vocab]` matmul and a float copy of its output) can skip the image and prompt positions.
+    """
+    labelled = (labels != -100).any(dim=0).nonzero()  # [n, 1] positions labelled in some row
+    if labelled.numel() == 0:
+        return 1
+    return labels.shape[1] - max(int(labelled[0, 0]) - 1, 0)
+
+
 class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, GenerationMixin):
     """InstructBLIP with its LLM, for training (`labels` -> loss) and `generate`.
 
@@ -212,7 +224,11 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> InstructBlipForConditionalGenerationModelOutput:
-        """`labels` use -100 for ignored positions; decoder-only labels align with `input_ids` (shifted here)."""
+        """`labels` use -100 for ignored positions; decoder-only labels align with `input_ids` (shifted here).
+
+        Training a decoder-only LLM with `labels`, the LM head runs only from the first labelled position on (the
+        image and prompt positions carry no loss), so `logits` then holds only those last positions.
+        """
         image = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
         inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image.pooler_output)
         if attention_mask is None:
@@ -226,6 +242,9 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
                     )
                 decoder_input_ids = self.language_model.prepare_decoder_input_ids_from_labels(labels=labels)
             llm_inputs.update(decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask)
+        elif labels is not None and self.training and "logits_to_keep" not in kwargs:
+            labels = labels[:, -labelled_tail(labels):]  # [B, N]: what the loss reads
+            llm_inputs["logits_to_keep"] = labels.shape[1]
         outputs = self.language_model(**llm_inputs, return_dict=True)
         loss = None
         if labels is not None:

@@ -155,6 +155,7 @@ class InstructBlipTrainer(Trainer):
 
     def _record(self, names: list[str], logits: torch.Tensor, labels: torch.Tensor) -> None:
         shift = instructblip_base(self.model).config.use_decoder_only_language_model
+        labels = labels[:, labels.shape[1] - logits.shape[1]:]  # the model may return only the trailing logits
         sums, counts = per_sample_loss(logits, labels, shift)
         for name, total, count in zip(names, sums.tolist(), counts.tolist()):
             self._dataset_samples[name] += 1
