@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from .collator import InstructBlipDataCollator
 from .configuration import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
+from .hub import LocalHubApi, model_card, push_to_hub, push_trainable_to_hub, trainable_card
 from .freezing import (
     ParameterTable,
     freeze_for_instruction_tuning,
@@ -59,6 +60,7 @@ __all__ = [
     "InstructBlipVisionConfig",
     "InstructBlipVisionModel",
     "InstructionDataset",
+    "LocalHubApi",
     "InstructionMixture",
     "MixtureSource",
     "ParameterTable",
@@ -71,8 +73,11 @@ __all__ = [
     "load_trainable_weights",
     "make_instruction_record",
     "mean_reciprocal_rank",
+    "model_card",
     "normalize_vqa_answer",
     "parameter_table",
+    "push_to_hub",
+    "push_trainable_to_hub",
     "rank_candidates",
     "roc_auc",
     "save_trainable_weights",
@@ -80,6 +85,7 @@ __all__ = [
     "target_rank",
     "template_family",
     "templates_for",
+    "trainable_card",
     "trainable_state_dict",
     "vqa_accuracy",
     "vqa_example_accuracy",
