@@ -143,7 +143,7 @@ def test_trust_remote_code_load_in_fresh_process(tmp_path):
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         saved = torch.load({str(tmp_path / "expected.pt")!r})
         with torch.no_grad():
-            torch.testing.assert_close(model(**saved["inputs"]).logits, saved["logits"], atol=1e-6, rtol=0)
+            torch.testing.assert_close(model(**saved["inputs"]).logits, saved["logits"], atol=1e-5, rtol=0)
         print("REMOTE-OK")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
