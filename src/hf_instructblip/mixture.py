@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
+from .collator import InstructBlipDataCollator
 from .sampler import BalancedConcatSampler
 from .templates import make_instruction_record, template_family
 
@@ -140,12 +140,6 @@ def _source_dataset(source: MixtureSource, seed: int) -> InstructionDataset:
 
 
 def _make_collator(processor: Any, decoder_only: bool | None, collator_kwargs: Mapping[str, Any] | None) -> Any:
-    """The training collator, when `hf_instructblip.collator` is available (imported lazily: optional here)."""
-    try:
-        from .collator import InstructBlipDataCollator
-    except ImportError as error:
-        warnings.warn(f"hf_instructblip.collator is not importable ({error}); returning no collator", stacklevel=3)
-        return None
     if not isinstance(decoder_only, bool):
         raise ValueError("decoder_only: expected a bool with a processor "
                          f"(model.config.use_decoder_only_language_model), got {decoder_only!r}")
@@ -167,8 +161,8 @@ def build_instruction_mixture(
     """Concatenate the sources as instruction records and balance them with `BalancedConcatSampler`.
 
     A `{name: data}` dict uses each name as the task (a paper dataset, category or template family).
-    The collator is built only when `processor` is given and `hf_instructblip.collator` is importable
-    (imported lazily); otherwise `collator` is None. `seed` drives both the sampler and the templates.
+    The collator is built when `processor` is given (otherwise `collator` is None). `seed` drives both the
+    sampler and the templates.
 
     Example:
         >>> mixture = build_instruction_mixture(

@@ -266,7 +266,7 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         return rank_candidates(self, *args, **kwargs)
 
     # --- generation -----------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()  # cheaper than no_grad (no version counters / view tracking); ids are all we return
     def generate(
         self,
         pixel_values: torch.Tensor,
