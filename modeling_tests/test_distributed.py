@@ -51,14 +51,11 @@ def runs(tmp_path_factory):
     """(per-rank records and weights from torchrun, the one-process reference trainer)."""
     out_dir = tmp_path_factory.mktemp("torchrun")
     process = start_torchrun(out_dir)  # runs while this process trains the reference
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
         single = worker.make_trainer(tmp_path_factory.mktemp("single"), batch_size=WORLD_SIZE * 2,
                                      **worker.DISTRIBUTED_ARGS)
         single.train()
     finally:
-        torch.set_num_threads(threads)
         output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, f"torchrun failed ({process.returncode}):\n{output[-6000:]}"
     ranks = []

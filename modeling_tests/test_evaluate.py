@@ -40,12 +40,6 @@ OPTIONS = [["a red circle", "two"], ["three", "two shapes", "a cat"], ["red", "b
 FAST = dict(num_beams=2, max_new_tokens=3, min_new_tokens=1, length_penalty=-1.0, do_sample=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(kind: str) -> tuple[InstructBlipForConditionalGeneration, InstructBlipProcessor]:

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
@@ -22,13 +21,6 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TIMEOUT = 240
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs: one thread (tiny models; the machine is shared), restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def example(name: str):

@@ -32,7 +32,7 @@ def make_ours(kind: str, seed: int = 0, **overrides) -> InstructBlipForCondition
 def batch_inputs(batch: int = 3, seed: int = 0) -> dict:
     """Left-padded prompts of different lengths, each with Q placeholders, plus Q-Former text."""
     gen = torch.Generator().manual_seed(seed)
-    rows, lengths = [], [5, 3, 7][:batch]
+    lengths = [5, 3, 7][:batch]
     width = Q + max(lengths)
     input_ids = torch.zeros(batch, width, dtype=torch.long)
     attention_mask = torch.zeros(batch, width, dtype=torch.long)

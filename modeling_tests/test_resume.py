@@ -21,13 +21,6 @@ MICRO_PER_STEP = 2
 ARGS = dict(batch_size=2, gradient_accumulation_steps=MICRO_PER_STEP, learning_rate=5e-3, warmup_steps=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is much faster than oversubscribed threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class StopAtStep(TrainerCallback):

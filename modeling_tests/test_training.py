@@ -38,13 +38,6 @@ ANSWERS = ["a red circle on a white background .", "a blue square .", "two .", "
 TRAINED_PREFIXES = ("qformer.", "query_tokens", "language_projection.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~25x faster than oversubscribed threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_processor(kind: str, num_query_tokens: int = tiny.NUM_QUERY_TOKENS) -> types.SimpleNamespace:

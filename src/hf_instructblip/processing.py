@@ -12,7 +12,6 @@ default, which batched decoder-only generation needs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
