@@ -328,3 +328,33 @@ def test_training_forward_computes_logits_only_from_the_first_label():
     torch.testing.assert_close(tail.loss, full.loss, atol=1e-6, rtol=0)
     for name, grad in full_grads.items():
         torch.testing.assert_close(tail_grads[name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_t5_padding_between_image_and_prompt_is_harmless():
+    """The processor writes `[image x Q][pad...][prompt]` for left-padded batches. T5's relative positions would count
+    those pads; ours moves them to the end, so the result equals the reference's on `[image][prompt][pad...]`."""
+    reference, ours = make_reference("t5"), make_ours("t5")
+    ours.load_state_dict(reference.state_dict())
+    inputs = batch_inputs(seed=14)
+    inputs.update(labels_for("t5", inputs))
+    mask = inputs["attention_mask"].bool()
+    compact_ids = torch.zeros_like(inputs["input_ids"])
+    compact_mask = torch.zeros_like(inputs["attention_mask"])
+    processor_ids, processor_mask = compact_ids.clone(), compact_mask.clone()
+    for row in range(3):
+        real = inputs["input_ids"][row][mask[row]]  # [Q placeholders, prompt]
+        pads = int((~mask[row]).sum())
+        compact_ids[row, : len(real)], compact_mask[row, : len(real)] = real, 1
+        processor_ids[row] = torch.cat([real[:Q], torch.zeros(pads, dtype=torch.long), real[Q:]])
+        processor_mask[row] = torch.cat([torch.ones(Q), torch.zeros(pads), torch.ones(len(real) - Q)]).long()
+    assert not torch.equal(processor_ids, compact_ids)
+    with torch.no_grad():
+        expected = reference(**{**inputs, "input_ids": compact_ids, "attention_mask": compact_mask})
+        actual = ours(**{**inputs, "input_ids": processor_ids, "attention_mask": processor_mask})
+        torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=0)
+    settings = dict(max_new_tokens=4, min_new_tokens=4, num_beams=2, do_sample=False)
+    generate_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    assert torch.equal(
+        ours.generate(**{**generate_inputs, "input_ids": processor_ids, "attention_mask": processor_mask}, **settings),
+        reference.generate(**{**generate_inputs, "input_ids": compact_ids, "attention_mask": compact_mask}, **settings),
+    )

@@ -208,6 +208,25 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         mask = mask.unsqueeze(-1).to(inputs_embeds.device)
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype))
 
+    def _llm_inputs(
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        image_features: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLM `inputs_embeds` (placeholders replaced) and `attention_mask`; for an encoder-decoder LLM every row's
+        padding is moved to its end, since T5's relative positions would otherwise count the pads that a left-padded
+        batch holds between the image placeholders and the prompt."""
+        inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)  # [B, L, D]
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        if not self.config.use_decoder_only_language_model:
+            order = torch.argsort((attention_mask == 0).to(torch.int8), dim=1, stable=True)  # [B, L] real first
+            inputs_embeds = inputs_embeds.gather(1, order.unsqueeze(-1).expand_as(inputs_embeds))
+            attention_mask = attention_mask.gather(1, order)
+        return inputs_embeds, attention_mask
+
     # --- training / scoring forward -------------------------------------------------------------------
     def forward(
         self,
@@ -230,9 +249,7 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         image and prompt positions carry no loss), so `logits` then holds only those last positions.
         """
         image = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
-        inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image.pooler_output)
-        if attention_mask is None:
-            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        inputs_embeds, attention_mask = self._llm_inputs(input_ids, inputs_embeds, attention_mask, image.pooler_output)
         llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **kwargs}
         if not self.config.use_decoder_only_language_model:
             if decoder_input_ids is None:
@@ -288,9 +305,7 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         features = image.pooler_output  # [B, Q, D_llm]
         if input_ids is None:
             input_ids = self._default_prompt(features.shape[0], features.device)
-        inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, features)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        inputs_embeds, attention_mask = self._llm_inputs(input_ids, inputs_embeds, attention_mask, features)
         llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
         if self.config.use_decoder_only_language_model:
             llm_inputs["input_ids"] = input_ids  # so the returned sequences start with the prompt
