@@ -175,3 +175,39 @@ def test_bad_arguments():
         InstructBlipDataCollator(processor, decoder_only=False)([])
     with pytest.raises(TypeError, match="record 0: expected a mapping"):
         InstructBlipDataCollator(processor, decoder_only=False)(["not a record"])
+
+
+# --- training layout == inference layout -----------------------------------------------------------------
+def gpt2_style_tokenizer():
+    """A tokenizer that defines bos but does not add it (GPT-2 / NeoX style)."""
+    tokenizer = tiny.llm_tokenizer("llama")
+    tokenizer.backend_tokenizer.post_processor = None
+    return tokenizer
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5", "gpt2-style"])
+@pytest.mark.parametrize("budget", [None, 6], ids=["whole", "truncated"])
+def test_collator_prompt_equals_what_the_processor_writes(kind, budget):
+    """A model trained on collator batches is queried with processor outputs: same prompt tokens, same Q-Former
+    text, same truncation (the end of a long instruction is kept)."""
+    from hf_instructblip import InstructBlipProcessor as OurProcessor
+
+    tokenizer = gpt2_style_tokenizer() if kind == "gpt2-style" else tiny.llm_tokenizer(kind)
+    processor = OurProcessor(tiny.image_processor(), tokenizer, tiny.qformer_tokenizer(),
+                             num_query_tokens=tiny.NUM_QUERY_TOKENS)
+    limits = {} if budget is None else {"max_input_length": budget}
+    collator = InstructBlipDataCollator(processor, decoder_only=kind != "t5", **limits)
+    instruction = "what is in the picture ? a red circle on a white background ."
+    batch = collator([{"image": tiny.images(1)[0], "instruction": instruction, "answer": "a circle"}])
+    truncation = {} if budget is None else {"truncation": True, "max_length": tiny.NUM_QUERY_TOKENS + budget}
+    inference = processor(images=tiny.images(1), text=[instruction], return_tensors="pt", **truncation)
+    prompt = inference["input_ids"][0].tolist()
+    trained = batch["input_ids"][0].tolist()
+    if kind != "t5":  # decoder-only rows continue with the answer: compare the prompt part
+        trained = trained[: len(prompt)]
+    assert trained == prompt
+    assert batch["qformer_input_ids"][0].tolist() == inference["qformer_input_ids"][0].tolist()
+    if budget is not None:
+        assert len(prompt) == tiny.NUM_QUERY_TOKENS + budget
+        kept = tokenizer.decode(prompt[tiny.NUM_QUERY_TOKENS:], skip_special_tokens=True).strip()
+        assert instruction.endswith(kept) and len(kept) < len(instruction)  # the end survived, the start went

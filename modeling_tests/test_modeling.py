@@ -358,3 +358,23 @@ def test_t5_padding_between_image_and_prompt_is_harmless():
         ours.generate(**{**generate_inputs, "input_ids": processor_ids, "attention_mask": processor_mask}, **settings),
         reference.generate(**{**generate_inputs, "input_ids": compact_ids, "attention_mask": compact_mask}, **settings),
     )
+
+
+def test_t5_generate_without_a_prompt_captions():
+    model = make_ours("t5", seed=15)
+    out = model.generate(pixel_values=tiny.pixel_values(2), qformer_input_ids=torch.randint(1, 64, (2, 4)),
+                         max_new_tokens=3, min_new_tokens=3)
+    assert out.shape == (2, 4)  # decoder start + 3 new tokens
+
+
+def test_error_inputs_embeds_without_input_ids(model):
+    inputs = batch_inputs()
+    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
+    with pytest.raises(ValueError, match="`input_ids` is required with `inputs_embeds`"):
+        model.generate(**inputs, inputs_embeds=embeds, max_new_tokens=1)
+
+
+def test_return_dict_false_is_accepted(model):
+    with torch.no_grad():
+        expected = model(**batch_inputs()).logits
+        torch.testing.assert_close(model(**batch_inputs(), return_dict=False).logits, expected, atol=0, rtol=0)

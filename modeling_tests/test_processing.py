@@ -25,10 +25,14 @@ KEYS = ("input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_m
 
 
 def processors(kind: str) -> tuple[InstructBlipProcessor, ReferenceProcessor]:
-    """Ours and transformers' over the same components (separate LLM tokenizers: both add `<image>`)."""
+    """Ours and transformers' over the same components (separate LLM tokenizers: both add `<image>`). Ours
+    truncates a long prompt from the left (LAVIS, and what the collator trains on); transformers' follows its
+    tokenizer, so the reference's tokenizer is set to truncate from the left as well."""
     qformer = tiny.qformer_tokenizer()
     ours = InstructBlipProcessor(tiny.image_processor(), tiny.llm_tokenizer(kind), qformer, num_query_tokens=Q)
-    theirs = ReferenceProcessor(tiny.image_processor(), tiny.llm_tokenizer(kind), qformer, num_query_tokens=Q)
+    reference_tokenizer = tiny.llm_tokenizer(kind)
+    reference_tokenizer.truncation_side = "left"
+    theirs = ReferenceProcessor(tiny.image_processor(), reference_tokenizer, qformer, num_query_tokens=Q)
     return ours, theirs
 
 

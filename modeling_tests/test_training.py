@@ -393,3 +393,47 @@ def test_trainer_rejects_collator_with_another_image_token(tmp_path):
     with pytest.raises(ValueError, match="image token id 299.*image_token_index is 300"):
         InstructBlipTrainer(model=model, args=training_args(tmp_path),
                             data_collator=InstructBlipDataCollator(other, decoder_only=True))
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["trainable-only", "peft"])
+def test_load_best_model_at_end_restores_the_best_trainable_weights(tmp_path, peft):
+    """`Trainer` knows full and adapter weights only; the best checkpoint's Q-Former must come back too."""
+    from transformers import TrainerCallback
+
+    processor = make_processor("llama")
+    model = make_model("llama", processor, freeze=not peft)
+    if peft:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "v_proj"]))
+        freeze_for_instruction_tuning(model)
+    snapshots = {}
+
+    class Snapshot(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kwargs):
+            snapshots[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()
+                                            if p.requires_grad}
+
+    # Evaluation loss falls as training goes on; `greater_is_better=True` makes step 1 the best, not the last.
+    args = training_args(tmp_path, max_steps=3, learning_rate=5e-2, save_strategy="steps", save_steps=1,
+                         eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                         metric_for_best_model="eval_loss", greater_is_better=True, per_device_train_batch_size=2)
+    trainer = InstructBlipTrainer(model=model, args=args, train_dataset=make_records(4),
+                                  eval_dataset=make_records(4), data_collator=collator_for("llama", processor),
+                                  save_trainable_only=not peft, callbacks=[Snapshot()])
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
+    final = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(final[n], snapshots[3][n]) for n in final)  # not simply the last step
+    for name, value in final.items():
+        assert torch.equal(value, snapshots[1][name]), name
+
+
+def test_trainer_leaves_the_callers_arguments_alone(tmp_path):
+    processor = make_processor("llama")
+    args = training_args(tmp_path, max_steps=1)
+    args.remove_unused_columns = True
+    trainer = InstructBlipTrainer(model=make_model("llama", processor), args=args, train_dataset=make_records(2),
+                                  data_collator=collator_for("llama", processor))
+    assert trainer.args.remove_unused_columns is False and args.remove_unused_columns is True

@@ -50,6 +50,12 @@ def _check_records(records: Sequence[Any]) -> bool:
     return all(named)
 
 
+def _tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether encoding with special tokens starts with bos (Llama-style) or not (GPT-2 style, T5)."""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+
+
 def _pad_right(rows: list[list[int]], pad_id: int, fill: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad id lists to the longest: `(ids [B, L], mask [B, L])`; `fill` overrides the pad value."""
     length = max(len(row) for row in rows)
@@ -75,7 +81,8 @@ class InstructBlipDataCollator:
         max_output_length: answer tokens kept counting the final eos, cut from the right.
         qformer_max_length: Q-Former instruction tokens kept (counting its specials), cut from the left.
         train_on_prompt: also learn the prompt tokens (decoder-only LLMs only).
-        add_bos: prepend bos to the decoder-only prompt; None -> when the tokenizer has a bos token.
+        add_bos: prepend bos to the decoder-only prompt; None -> when the tokenizer adds one itself, so training
+            sees the prompt exactly as the processor writes it at inference.
 
     Returns a dict of tensors `pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
     attention_mask, labels`, plus `dataset` (list of str) when the records carry dataset names
@@ -134,7 +141,7 @@ class InstructBlipDataCollator:
         """`(prefix specials, prompt ids)` with the prompt left-truncated to fit `max_input_length`."""
         tokenizer = self.processor.tokenizer
         if self.decoder_only:
-            use_bos = tokenizer.bos_token_id is not None if self.add_bos is None else self.add_bos
+            use_bos = _tokenizer_adds_bos(tokenizer) if self.add_bos is None else self.add_bos
             specials = [tokenizer.bos_token_id] if use_bos else []
         else:
             specials = [tokenizer.eos_token_id]  # T5 encoder input ends with eos (appended after the prompt)

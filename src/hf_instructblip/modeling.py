@@ -262,6 +262,7 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         elif labels is not None and self.training and "logits_to_keep" not in kwargs:
             labels = labels[:, -labelled_tail(labels):]  # [B, N]: what the loss reads
             llm_inputs["logits_to_keep"] = labels.shape[1]
+        llm_inputs.pop("return_dict", None)  # we always return our output class
         outputs = self.language_model(**llm_inputs, return_dict=True)
         loss = None
         if labels is not None:
@@ -304,6 +305,8 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         image = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
         features = image.pooler_output  # [B, Q, D_llm]
         if input_ids is None:
+            if inputs_embeds is not None:
+                raise ValueError("`input_ids` is required with `inputs_embeds`: it marks the image placeholders.")
             input_ids = self._default_prompt(features.shape[0], features.device)
         inputs_embeds, attention_mask = self._llm_inputs(input_ids, inputs_embeds, attention_mask, features)
         llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
@@ -317,7 +320,7 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
     def _default_prompt(self, batch: int, device: torch.device) -> torch.Tensor:
         """Image placeholders (+ BOS for decoder-only LLMs) when no prompt is given: plain captioning."""
         ids = [self.config.image_token_index] * self.config.num_query_tokens
-        bos = self.config.text_config.bos_token_id
+        bos = getattr(self.config.text_config, "bos_token_id", None)  # T5 configs have none
         if self.config.use_decoder_only_language_model and bos is not None:
             ids.append(bos)
         return torch.tensor([ids], dtype=torch.long, device=device).expand(batch, -1)

@@ -165,7 +165,9 @@ class HfInstructBlipProcessor(ProcessorMixin):
         if self.image_token not in tokenizer.get_vocab():
             # Our model config's `image_token_index` must follow: see `sync_image_token`.
             tokenizer.add_tokens([AddedToken(self.image_token, normalized=False, special=True)], special_tokens=True)
-        qformer_tokenizer.truncation_side = "left"  # LAVIS keeps the end of a long instruction
+        # A long instruction keeps its end (the question), as LAVIS does and as `InstructBlipDataCollator` trains.
+        tokenizer.truncation_side = "left"
+        qformer_tokenizer.truncation_side = "left"
         super().__init__(image_processor, tokenizer, qformer_tokenizer, **kwargs)
 
     @property
@@ -215,13 +217,13 @@ class HfInstructBlipProcessor(ProcessorMixin):
             "attention_mask": _prepend(mask, [1] * placeholders),
         }
 
-    def _qformer_text(self, texts: list[str], padding: Any, max_length: int, add_special_tokens: bool) -> dict:
+    def _qformer_text(self, texts: list[str], padding: Any, max_length: int) -> dict:
         """Instructions -> `qformer_input_ids` / `qformer_attention_mask`: left truncated, right padded."""
         if padding != "max_length":  # pad to `max_length` only when asked; else to the longest row, if at all
             padding = False if padding in (False, None, "do_not_pad") else "longest"
         encoding = self.qformer_tokenizer(
             texts, padding=padding, truncation=True, max_length=max_length, padding_side="right",
-            add_special_tokens=add_special_tokens, return_token_type_ids=False,
+            return_token_type_ids=False,
         )
         return {"qformer_input_ids": encoding["input_ids"], "qformer_attention_mask": encoding["attention_mask"]}
 
@@ -262,7 +264,8 @@ class HfInstructBlipProcessor(ProcessorMixin):
                 padding_side=_check_padding_side(padding_side or self.padding_side),
             )
             qformer_limit = qformer_max_length or self.qformer_max_length
-            encoding.update(self._qformer_text(texts, padding, qformer_limit, add_special_tokens))
+            # The Q-Former always reads `[CLS] text [SEP]`, as in training: `add_special_tokens` is for the LLM.
+            encoding.update(self._qformer_text(texts, padding, qformer_limit))
             encoding.update(self._llm_text(texts, pil_images is not None, tokenizer_kwargs, max_length))
         if pil_images is not None:
             encoding["pixel_values"] = self._pixel_values(pil_images, return_tensors, images_kwargs)

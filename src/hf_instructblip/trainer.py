@@ -15,6 +15,7 @@ What it changes, and why:
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import defaultdict
 from typing import Any
@@ -92,6 +93,7 @@ class InstructBlipTrainer(Trainer):
         self._dataset_samples: dict[str, int] = defaultdict(int)  # cumulative, per dataset name
         self._dataset_loss: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # since last log: sum, tokens
         super().__init__(*args, **kwargs)
+        self.args = copy.copy(self.args)  # leave the caller's TrainingArguments as they were
         self.args.remove_unused_columns = False  # the collator needs the raw record fields
         self._add_sampler_epoch_callback()
         config = instructblip_base(self.model).config
@@ -216,3 +218,11 @@ class InstructBlipTrainer(Trainer):
         if any(os.path.isfile(os.path.join(resume_from_checkpoint, name)) for name in weight_files):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_trainable_weights(self.accelerator.unwrap_model(model), trainable)
+
+    def _load_best_model(self) -> None:
+        """`Trainer`'s best-model loading, then the best checkpoint's trainable weights (which it does not know)."""
+        best = self.state.best_model_checkpoint
+        trainable = os.path.join(best, TRAINABLE_WEIGHTS_NAME) if best else None
+        if trainable is None or not os.path.isfile(trainable):
+            return super()._load_best_model()
+        self._load_from_checkpoint(best)
