@@ -1,6 +1,6 @@
 """Quick start (the main job): instruction-tune InstructBLIP's Q-Former on a procedural multi-task dataset, on CPU.
 
-    python examples/quickstart.py                      # embedded small model, offline, about 2 minutes on 2 cores
+    python examples/quickstart.py                      # embedded small model, offline, ~40 s on 2 idle cores
     python examples/quickstart.py --model PATH_OR_ID   # the same recipe on a real checkpoint
 
 Steps: build the embedded model (or load `--model`), give its frozen parts a short pretraining (embedded model
