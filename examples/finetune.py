@@ -91,7 +91,7 @@ def write_shapes_file(folder: Path, count: int, seed: int) -> Path:
 def load_base(model_id: str | None, seed: int):
     """`--model` through the Auto classes, or the embedded small model (deterministic in `seed`)."""
     if model_id:
-        return AutoModel.from_pretrained(model_id), AutoProcessor.from_pretrained(model_id)
+        return shapes.load_checkpoint(model_id)
     processor = shapes.build_processor()
     return shapes.build_model(processor, seed=seed), processor
 

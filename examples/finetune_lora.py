@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import ConcatDataset
-from transformers import AutoModel, AutoProcessor, TrainingArguments
+from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/shapes.py, when run from anywhere
 import shapes  # noqa: E402
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_base(model_id: str | None, seed: int):
     """`--model` through the Auto classes, or the embedded small model (deterministic in `seed`)."""
     if model_id:
-        return AutoModel.from_pretrained(model_id), AutoProcessor.from_pretrained(model_id)
+        return shapes.load_checkpoint(model_id)
     processor = shapes.build_processor()
     return shapes.build_model(processor, seed=seed), processor
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoModel, AutoProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/shapes.py, when run from anywhere
 import shapes  # noqa: E402
@@ -69,7 +68,8 @@ def generation_settings(preset: str, sample: bool, max_new_tokens: int | None = 
 def load(model_id: str | None, seed: int):
     """`--model` through the Auto classes, or the embedded small model (no download)."""
     if model_id:
-        return AutoModel.from_pretrained(model_id).eval(), AutoProcessor.from_pretrained(model_id)
+        model, processor = shapes.load_checkpoint(model_id)
+        return model.eval(), processor
     processor = shapes.build_processor()
     return shapes.build_model(processor, seed=seed).eval(), processor
 

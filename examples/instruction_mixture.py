@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoProcessor, TrainingArguments
+from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/shapes.py, when run from anywhere
 import shapes  # noqa: E402
@@ -80,7 +80,7 @@ def sources(output_dir: Path, seed: int) -> list[MixtureSource]:
 
 def load(model_id: str | None, seed: int):
     if model_id:
-        return AutoModel.from_pretrained(model_id), AutoProcessor.from_pretrained(model_id)
+        return shapes.load_checkpoint(model_id)
     processor = shapes.build_processor()
     return shapes.build_model(processor, seed=seed), processor
 

@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load(model_id: str | None, seed: int):
     if model_id:
-        return AutoModel.from_pretrained(model_id), AutoProcessor.from_pretrained(model_id)
+        return shapes.load_checkpoint(model_id)
     processor = shapes.build_processor()
     return shapes.build_model(processor, seed=seed), processor
 

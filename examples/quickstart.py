@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
 
 def load_or_build(args: argparse.Namespace):
     if args.model:
-        return AutoModel.from_pretrained(args.model), AutoProcessor.from_pretrained(args.model)
+        return shapes.load_checkpoint(args.model)
     processor = shapes.build_processor()
     model = shapes.build_model(processor, seed=args.seed)
     started = time.time()

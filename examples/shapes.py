@@ -135,6 +135,14 @@ def build_model(processor: InstructBlipProcessor, seed: int = 0) -> InstructBlip
     return model
 
 
+def load_checkpoint(model_id: str, **model_kwargs):
+    """Our model and processor from a folder or Hub id. Named explicitly rather than through the Auto classes: the
+    official `Salesforce/instructblip-*` repos say `model_type: instructblip`, which `AutoModel` maps to
+    transformers' own classes."""
+    model = InstructBlipForConditionalGeneration.from_pretrained(model_id, **model_kwargs)
+    return model, InstructBlipProcessor.from_pretrained(model_id)
+
+
 # --- the short pretraining of the frozen parts ------------------------------------------------------------
 def _adamw(parameters, steps: int, lr: float = 2e-3):
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)

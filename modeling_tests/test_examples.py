@@ -170,3 +170,27 @@ def test_push_trainable_only_needs_a_base(tmp_path, one_thread):
     push = example("push")
     with pytest.raises(ValueError, match="`base_model` is required"):
         push.main(["--trainable-only", "--steps", "1", "--output-dir", str(tmp_path)])
+
+
+def test_model_flag_loads_the_official_layout(tmp_path):
+    """`--model` with a folder in the official Salesforce layout (transformers' classes, `model_type:
+    instructblip`, `processor_config.json` + `qformer_tokenizer/`) loads into ours and generates."""
+    from transformers import InstructBlipConfig as RefConfig
+    from transformers import InstructBlipForConditionalGeneration as RefModel
+    from transformers import InstructBlipProcessor as RefProcessor
+
+    shapes = example("shapes")
+    processor = shapes.build_processor()
+    ours = shapes.build_model(processor)
+    kept = {k: v for k, v in ours.config.to_dict().items()
+            if k not in ("model_type", "auto_map", "instruction_aware", "architectures", "transformers_version")}
+    reference = RefModel(RefConfig(**kept))
+    reference.load_state_dict(ours.state_dict())
+    reference.save_pretrained(tmp_path)
+    RefProcessor(processor.image_processor, processor.tokenizer, processor.qformer_tokenizer,
+                 num_query_tokens=shapes.NUM_QUERY_TOKENS).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "instructblip"
+    out = tmp_path / "answers.json"
+    assert example("generate").main(["--model", str(tmp_path), "--max-new-tokens", "2",
+                                     "--output-json", str(out)]) == 0
+    assert len(json.loads(out.read_text())) > 0
