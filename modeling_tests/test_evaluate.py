@@ -286,7 +286,7 @@ def test_t5_generation_and_exact_match(image_dir, tmp_path):
     metrics = evaluate(model, processor, records, "gqa", predictions_path=tmp_path / "gqa.jsonl", batch_size=5,
                        generation_kwargs={"num_beams": 2, "max_new_tokens": 3}, progress=False)
     rows = read_rows(tmp_path / "gqa.jsonl")
-    assert [r["prediction"] for r in rows] == want  # batched (right padded for T5) == one by one
+    assert [r["prediction"] for r in rows] == want  # batched (left padded) == one by one
     assert metrics["score"] == pytest.approx(sum(r["prediction"] == a for r, a in zip(rows, answers)) / 5)
     assert metrics["generation"] == {**FAST, "length_penalty": -1.0}
 

@@ -134,3 +134,30 @@ def test_bad_arguments_are_named(setup):
         rank_candidates(model, **inputs, candidates=cand_ids, candidate_batch_size=0)
     with pytest.raises(ValueError, match="input_ids"):
         rank_candidates(model, inputs["pixel_values"], inputs["qformer_input_ids"], candidates=cand_ids)
+
+
+def test_t5_scores_ignore_pads_between_image_and_prompt():
+    """The processor left-pads after the placeholders (`[image][pad][prompt]`); T5 ranking must score as unpadded."""
+    kind = "t5"
+    tokenizer = tiny.llm_tokenizer(kind)
+    qtok = tiny.qformer_tokenizer()
+    model = build_model(kind)
+    prompts = [prompt_ids(kind, tokenizer, p) for p in PROMPTS]
+    width = max(len(p) for p in prompts)
+    Q = tiny.NUM_QUERY_TOKENS
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        pads = width - len(p)
+        ids[i] = torch.tensor(p[:Q] + [0] * pads + p[Q:])
+        mask[i] = torch.tensor([1] * Q + [0] * pads + [1] * (len(p) - Q))
+    assert (mask[:, Q] == 0).any()  # one row really has pads in the middle
+    q = qtok(PROMPTS, padding=True, return_tensors="pt")
+    cand_ids = [[tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in ex]
+                for ex in CANDIDATES]
+    inputs = dict(pixel_values=tiny.pixel_values(2), qformer_input_ids=q.input_ids,
+                  qformer_attention_mask=q.attention_mask, input_ids=ids, attention_mask=mask)
+    expected = reference_scores(model, kind, inputs, prompts, cand_ids)
+    result = rank_candidates(model, **inputs, candidates=cand_ids)
+    for scores, ref in zip(result.scores, expected):
+        torch.testing.assert_close(scores, torch.tensor([s for s, _ in ref]), atol=1e-5, rtol=1e-6)

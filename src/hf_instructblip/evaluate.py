@@ -2,7 +2,7 @@
 
 `evaluate(model, processor, records, task, ...)` runs one held-out task over records (dicts, e.g. from
 `load_records`): it fills the task's evaluation prompt, then either generates a short answer / caption in
-batches (left padded for decoder-only LLMs, right padded for encoder-decoder ones) or ranks each record's
+batches (left padded; the model moves an encoder-decoder LLM's padding to the row ends) or ranks each record's
 candidate answers by log-likelihood (`rank_candidates`). Every batch is appended to a JSON-lines predictions
 file and flushed, so an interrupted run loses nothing, and a rerun skips the ids already there. Metrics are
 computed from the predictions file once every record has one.
@@ -331,16 +331,9 @@ def _open_image(image: Any) -> Any:
     return image
 
 
-def padding_side(model) -> str:
-    """Left for decoder-only LLMs: batched generation must continue right where each prompt ends. Right for
-    encoder-decoder LLMs, as LAVIS (the model would move left padding there anyway: T5's relative positions must
-    not count pads between the image placeholders and the prompt)."""
-    return "left" if model.config.use_decoder_only_language_model else "right"
-
-
 def _model_inputs(model, processor, batch: list[Example]) -> dict[str, torch.Tensor]:
     inputs = processor(images=[_open_image(e.image) for e in batch], text=[e.prompt for e in batch],
-                       padding="longest", padding_side=padding_side(model), return_tensors="pt")
+                       padding="longest", return_tensors="pt")
     device, dtype = model.device, model.dtype
     return {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
 
@@ -517,7 +510,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from transformers import AutoModel, AutoProcessor  # importing this package registered our classes with them
+    # Our classes by name: the official Salesforce repos say `model_type: instructblip`, which the Auto classes map
+    # to transformers' own InstructBLIP.
+    from .modeling import InstructBlipForConditionalGeneration
+    from .processing import InstructBlipProcessor
 
     try:  # check the data before the (slow) model load; a bad line is reported with its number
         records = load_records(args.data)
@@ -525,8 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    model = AutoModel.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    model = InstructBlipForConditionalGeneration.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+    model = model.to(args.device).eval()
+    processor = InstructBlipProcessor.from_pretrained(args.model)
     overrides = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
                  if v is not None}
     metrics = evaluate(

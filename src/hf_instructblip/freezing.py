@@ -120,7 +120,8 @@ def freeze_for_instruction_tuning(
         >>> table.trainable  # Q-Former + queries + projection: ~0.19 B for InstructBLIP-Vicuna-7B
     """
     base = instructblip_base(model)
-    adapters = {name: param for name, param in base.named_parameters() if name in adapter_parameter_names(base)}
+    adapter_names = adapter_parameter_names(base)
+    adapters = {name: param for name, param in base.named_parameters() if name in adapter_names}
     adapter_flags = {name: param.requires_grad for name, param in adapters.items()}
     for part in FROZEN_PARTS:
         getattr(base, part).requires_grad_(False)

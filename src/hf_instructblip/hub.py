@@ -199,17 +199,21 @@ model.load_state_dict(load_file(hf_hub_download("{repo_id}", "{TRAINABLE_WEIGHTS
 
 
 # --- pushing ----------------------------------------------------------------------------------------------
-def _upload(api: HfApi, repo_id: str, folder: Path, make_card: Callable[[str], ModelCard], *, overwrite_card: bool,
-            private: bool | None, revision: str | None, create_pr: bool, commit_message: str,
-            commit_description: str | None) -> Any:
-    """Create the repo, add the card unless one exists there (and `overwrite_card` is False), upload `folder`."""
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # resolves a bare name to user/name
-    if revision is not None and not revision.startswith("refs/pr"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    if overwrite_card or not api.file_exists(repo_id, CARD_NAME, revision=revision):
-        make_card(repo_id).save(folder / CARD_NAME)
-    return api.create_commit(repo_id, folder_operations(folder), commit_message=commit_message,
-                             commit_description=commit_description, revision=revision, create_pr=create_pr)
+def _push(api: HfApi, repo_id: str, write_files: Callable[[Path], Any], make_card: Callable[[str], ModelCard], *,
+          overwrite_card: bool, private: bool | None, revision: str | None, create_pr: bool, commit_message: str,
+          commit_description: str | None) -> Any:
+    """Write the files into a temporary folder, create the repo, add the card unless one exists there (and
+    `overwrite_card` is False), and upload the folder in one commit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_files(folder)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # a bare name -> user/name
+        if revision is not None and not revision.startswith("refs/pr"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        if overwrite_card or not api.file_exists(repo_id, CARD_NAME, revision=revision):
+            make_card(repo_id).save(folder / CARD_NAME)
+        return api.create_commit(repo_id, folder_operations(folder), commit_message=commit_message,
+                                 commit_description=commit_description, revision=revision, create_pr=create_pr)
 
 
 def folder_operations(folder: str | os.PathLike) -> list[CommitOperationAdd]:
@@ -262,14 +266,14 @@ def push_to_hub(
     def card(full_id: str) -> ModelCard:
         return model_card(full_id, base_model=base_model, license=license, datasets=datasets, tags=tags)
 
-    api = _check_api(api, token)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+    def write_files(folder: Path) -> None:
         base.save_pretrained(folder, max_shard_size=max_shard_size)  # safetensors + config(auto_map) + code
         if processor is not None:
             processor.save_pretrained(folder)
-        return _upload(api, repo_id, folder, card, overwrite_card=overwrite_card, private=private, revision=revision,
-                       create_pr=create_pr, commit_message=commit_message, commit_description=commit_description)
+
+    return _push(_check_api(api, token), repo_id, write_files, card, overwrite_card=overwrite_card, private=private,
+                 revision=revision, create_pr=create_pr, commit_message=commit_message,
+                 commit_description=commit_description)
 
 
 def push_trainable_to_hub(
@@ -313,16 +317,16 @@ def push_trainable_to_hub(
         return trainable_card(full_id, base_model, peft_adapter=peft_adapter, license=license, datasets=datasets,
                               tags=tags)
 
-    api = _check_api(api, token)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+    def write_files(folder: Path) -> None:
         if peft_adapter:
             model.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors
         save_trainable_weights(model, folder)
         if processor is not None:
             processor.save_pretrained(folder)
-        return _upload(api, repo_id, folder, card, overwrite_card=overwrite_card, private=private, revision=revision,
-                       create_pr=create_pr, commit_message=commit_message, commit_description=commit_description)
+
+    return _push(_check_api(api, token), repo_id, write_files, card, overwrite_card=overwrite_card, private=private,
+                 revision=revision, create_pr=create_pr, commit_message=commit_message,
+                 commit_description=commit_description)
 
 
 # --- a local stand-in for the Hub -------------------------------------------------------------------------

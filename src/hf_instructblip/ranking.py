@@ -92,8 +92,8 @@ def rank_candidates(
     features = model.get_image_features(
         pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding
     ).pooler_output  # [B, Q, D_llm]
-    embeds = model._merge_image_features(input_ids, None, features)  # [B, L, D_llm]; checks the placeholders
-    attention_mask = attention_mask.to(embeds.device)
+    # [B, L, D_llm]: placeholders checked and filled; an encoder-decoder LLM gets its padding moved to the row ends
+    embeds, attention_mask = model._llm_inputs(input_ids, None, attention_mask.to(features.device), features)
     if model.config.use_decoder_only_language_model:
         sums, lengths = _decoder_only_log_likelihoods(model.language_model, embeds, attention_mask, candidate_ids,
                                                       candidate_batch_size)

@@ -149,8 +149,8 @@ class BalancedConcatSampler(Sampler[int]):
 
     The global index sequence of an epoch is a pure function of ``(seed, epoch)``: no global RNG, so every
     process of a distributed run builds the same sequence and accelerate shards it by batches. Call
-    ``set_epoch`` (Trainer and accelerate do) for a new order; use ``SamplerEpochCallback`` with `Trainer`
-    so the epoch is also right after resuming mid-epoch on several processes. For no duplicated samples
+    ``set_epoch`` (Trainer and accelerate do) for a new order; ``SamplerEpochCallback`` keeps the epoch right
+    after resuming mid-epoch on several processes (`InstructBlipTrainer` adds it; with a plain `Trainer`, pass it). For no duplicated samples
     across ranks, make ``num_samples`` a multiple of the global batch size (accelerate pads the last batch
     by cycling from the start otherwise).
 
