@@ -32,6 +32,8 @@ MIB = 1 / 2**20
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.base_parser(__doc__.split("\n", 1)[0])
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--adamw", choices=("fused", "foreach", "for-loop"), default="fused",
+                        help="AdamW implementation (default fused: Trainer's default optim, adamw_torch_fused)")
     parser.add_argument("--memory-steps", type=int, default=3, help="steps run by each peak-memory subprocess")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-child", choices=common.SIDES, help=argparse.SUPPRESS)  # internal
@@ -51,9 +53,10 @@ def prepare_for_training(model: torch.nn.Module, side: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def make_step(model: torch.nn.Module, batch: dict, lr: float) -> Callable[[], float]:
+def make_step(model: torch.nn.Module, batch: dict, lr: float, adamw: str = "fused") -> Callable[[], float]:
     """One optimisation step on `batch` (fresh AdamW over the trainable parameters); returns the loss."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    variant = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}[adamw]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, **variant)
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -90,7 +93,8 @@ def memory_child(args: argparse.Namespace) -> None:
     preset, dtype, backbones = common.setup(args)
     model = common.build_one(args.memory_child, preset, backbones[0], args.device, dtype)
     prepare_for_training(model, args.memory_child)
-    step = make_step(model, common.train_batch(preset, backbones[0], args.device, dtype, args.seed), args.lr)
+    step = make_step(model, common.train_batch(preset, backbones[0], args.device, dtype, args.seed), args.lr,
+                     args.adamw)
     common.warm_autograd_runtime(args.device)
     with common.PeakMemory(args.device) as peak:
         for _ in range(args.memory_steps):
@@ -104,7 +108,7 @@ def memory_command(args: argparse.Namespace, backbone: str, side: str) -> list[s
     """The command line that runs `memory_child` for `side` in a fresh interpreter."""
     command = [sys.executable, __file__, "--memory-child", side, "--preset", args.preset, "--device", args.device,
                "--backbones", backbone, "--seed", str(args.seed), "--memory-steps", str(args.memory_steps),
-               "--lr", str(args.lr)]
+               "--lr", str(args.lr), "--adamw", args.adamw]
     command += ["--shrink"] if args.shrink else []
     command += ["--dtype", args.dtype] if args.dtype else []
     command += ["--threads", str(args.threads)] if args.threads else []
@@ -151,7 +155,7 @@ def bench_backbone(args: argparse.Namespace, preset: common.Preset, dtype: torch
     if trainable["ours"] != trainable["theirs"]:
         raise RuntimeError(f"Trainable parameter counts differ: {trainable}.")
     common.emit({**context, "trainable_params": trainable["ours"]})
-    steps = {side: make_step(pair[side], batch, args.lr) for side in common.SIDES}
+    steps = {side: make_step(pair[side], batch, args.lr, args.adamw) for side in common.SIDES}
     times, _ = common.time_alternating(steps, args.reps or preset.train_reps,
                                        preset.train_warmup if args.warmup is None else args.warmup, args.device)
     common.emit(common.figure(context, "step_s", "s", times["ours"], times["theirs"]))

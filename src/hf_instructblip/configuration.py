@@ -88,6 +88,8 @@ class InstructBlipConfig(PretrainedConfig):
     """Composite config: vision encoder + Q-Former + any Hugging Face LLM (`text_config`).
 
     `instruction_aware=False` gives the paper's ablation (BLIP-2 style: the Q-Former sees only the queries).
+    `fused_head_loss=True`: a training forward with `labels` and a frozen LM head takes the loss through the head
+    in chunks and returns no logits (less memory, same loss); set False to get the logits in training.
     Reads the official `Salesforce/instructblip-*` `config.json` files (`model_type="instructblip"`) as is.
 
     Example:
@@ -115,6 +117,7 @@ class InstructBlipConfig(PretrainedConfig):
     num_query_tokens: int = 32
     image_token_index: int | None = None
     instruction_aware: bool = True
+    fused_head_loss: bool = True
     initializer_factor: float = 1.0
     initializer_range: float = 0.02
 

@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
 from .configuration import InstructBlipConfig
+from .head_loss import HEAD_IS_LAST_LAYER, head_is_frozen_linear, head_loss_instead_of_logits
 from .pretrained import InstructBlipPreTrainedModel
 from .qformer import InstructBlipQFormerModel
 from .vision_encoder import InstructBlipVisionModel
@@ -32,27 +33,35 @@ class InstructBlipImageFeatures(ModelOutput):
 
 @dataclass
 class InstructBlipForConditionalGenerationModelOutput(ModelOutput):
+    """`token_losses` (training mode with labels): detached float32 cross-entropy per label position `[B, N]`,
+    0 where unlabelled; decoder-only: position t scores label t + 1 of the `N + 1` trailing labels."""
+
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    token_losses: torch.FloatTensor | None = None
     vision_outputs: BaseModelOutput | None = None
     qformer_outputs: BaseModelOutput | None = None
     language_model_outputs: ModelOutput | None = None
 
 
-def language_modeling_loss(
-    logits: torch.Tensor, labels: torch.Tensor, shift: bool, num_items_in_batch: int | torch.Tensor | None = None
-) -> torch.Tensor:
-    """Token cross-entropy summed over labelled positions, divided by `num_items_in_batch` when given.
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Float32 cross-entropy per label position, 0 where the label is -100: `[B, L]` (`[B, L - 1]` with `shift`,
+    for decoder-only LLMs, where position t predicts token t + 1)."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    labels = labels.to(logits.device)
+    losses = nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+    )
+    return losses.view(labels.shape)
+
+
+def per_item(total: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+    """`total / num_items_in_batch`, or over the labelled (not -100) entries of the already aligned `labels`.
 
     `Trainer` passes `num_items_in_batch` = labelled tokens across all accumulated micro-batches, which makes
     gradient accumulation exact; without it this is the mean over this batch's labelled tokens.
     """
-    if shift:  # decoder-only: position t predicts token t + 1
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    labels = labels.to(logits.device)
-    total = nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
     if num_items_in_batch is None:
         num_items_in_batch = (labels != -100).sum()
     if isinstance(num_items_in_batch, torch.Tensor):
@@ -245,8 +254,10 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
     ) -> InstructBlipForConditionalGenerationModelOutput:
         """`labels` use -100 for ignored positions; decoder-only labels align with `input_ids` (shifted here).
 
-        Training a decoder-only LLM with `labels`, the LM head runs only from the first labelled position on (the
-        image and prompt positions carry no loss), so `logits` then holds only those last positions.
+        In training mode with `labels`, the LM head is applied only where the loss needs it: with
+        `config.fused_head_loss` (default) and a frozen head, the loss is computed chunk by chunk through the head
+        and `logits` is None (`head_loss.py`); otherwise a decoder-only LLM's `logits` hold only the positions from
+        the one before the first label on (image and prompt positions carry no loss).
         """
         image = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
         inputs_embeds, attention_mask = self._llm_inputs(input_ids, inputs_embeds, attention_mask, image.pooler_output)
@@ -263,17 +274,36 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
             labels = labels[:, -labelled_tail(labels):]  # [B, N]: what the loss reads
             llm_inputs["logits_to_keep"] = labels.shape[1]
         llm_inputs.pop("return_dict", None)  # we always return our output class
-        outputs = self.language_model(**llm_inputs, return_dict=True)
+        shift = self.config.use_decoder_only_language_model
+        if labels is not None and self._fuses_head_loss(kwargs):
+            result = {}
+            with head_loss_instead_of_logits(self.language_model.get_output_embeddings(), labels, shift, result):
+                outputs = self.language_model(**llm_inputs, return_dict=True)
+            outputs.logits = None  # empty: the head computed the loss instead
+            token_losses = result["token_losses"]
+        else:
+            outputs = self.language_model(**llm_inputs, return_dict=True)
+            token_losses = None if labels is None else token_cross_entropy(outputs.logits, labels, shift)
         loss = None
-        if labels is not None:
-            shift = self.config.use_decoder_only_language_model
-            loss = language_modeling_loss(outputs.logits, labels, shift, num_items_in_batch)
+        if token_losses is not None:
+            loss = per_item(token_losses.sum(), labels[:, 1:] if shift else labels, num_items_in_batch)
         return InstructBlipForConditionalGenerationModelOutput(
             loss=loss,
             logits=outputs.logits,
+            token_losses=token_losses.detach() if token_losses is not None and self.training else None,
             vision_outputs=image.vision_outputs,
             qformer_outputs=image.qformer_outputs,
             language_model_outputs=outputs,
+        )
+
+    def _fuses_head_loss(self, llm_kwargs: dict) -> bool:
+        """Whether this training forward takes the loss through the frozen LM head without building logits."""
+        return (
+            self.training
+            and self.config.fused_head_loss
+            and "logits_to_keep" not in llm_kwargs  # the caller asked for logits
+            and self.config.text_config.model_type in HEAD_IS_LAST_LAYER
+            and head_is_frozen_linear(self.language_model.get_output_embeddings())
         )
 
     def rank_candidates(self, *args, **kwargs):

@@ -45,22 +45,6 @@ def _is_peft_model(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-@torch.no_grad()
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token cross-entropy and labelled-token count per row: `([B], [B])`.
-
-    One row at a time so at most `[L, V]` float logits exist at once (the vocabulary can be large).
-    """
-    if shift:  # decoder-only: position t predicts label t + 1
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    labels = labels.to(logits.device)
-    sums = torch.stack([
-        torch.nn.functional.cross_entropy(row.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
-        for row, target in zip(logits, labels)
-    ])
-    return sums, (labels != IGNORE_INDEX).sum(dim=1)
-
-
 class InstructBlipTrainer(Trainer):
     """`Trainer` for InstructBLIP instruction tuning (Q-Former only, optionally + PEFT adapters).
 
@@ -148,18 +132,18 @@ class InstructBlipTrainer(Trainer):
                                         num_items_in_batch=num_items_in_batch)
         labels = inputs["labels"]
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        self._record(names, outputs.logits.detach(), labels)
+        self._record(names, outputs.token_losses, labels)
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
         """`Trainer.prediction_step` without the `dataset` names (the model does not take them)."""
         return super().prediction_step(model, {k: v for k, v in inputs.items() if k != "dataset"}, *args, **kwargs)
 
-    def _record(self, names: list[str], logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def _record(self, names: list[str], token_losses: torch.Tensor, labels: torch.Tensor) -> None:
+        """Per-dataset sample counts and loss sums from the model's per-token losses `[B, N]`."""
         shift = instructblip_base(self.model).config.use_decoder_only_language_model
-        labels = labels[:, labels.shape[1] - logits.shape[1]:]  # the model may return only the trailing logits
-        sums, counts = per_sample_loss(logits, labels, shift)
-        for name, total, count in zip(names, sums.tolist(), counts.tolist()):
+        counts = ((labels[:, 1:] if shift else labels) != IGNORE_INDEX).sum(dim=1)  # [B] labelled tokens
+        for name, total, count in zip(names, token_losses.sum(dim=1).tolist(), counts.tolist()):
             self._dataset_samples[name] += 1
             self._dataset_loss[name][0] += total
             self._dataset_loss[name][1] += count

@@ -1,0 +1,150 @@
+"""Fused LM-head cross-entropy: equal to logits + cross-entropy (values and gradients), and used by the model's
+training forward exactly when it is safe (frozen plain head, known architecture)."""
+
+from __future__ import annotations
+
+import pytest
+import tiny
+import torch
+from test_modeling import batch_inputs, labels_for, make_ours, make_reference
+
+from hf_instructblip import freeze_for_instruction_tuning, head_loss
+from hf_instructblip.head_loss import frozen_head_cross_entropy
+
+
+def reference_token_losses(hidden, weight, bias, labels):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none")
+    return losses.view(labels.shape)
+
+
+def head_case(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(3, 5, 16, generator=gen) * 2).to(dtype)
+    weight = torch.randn(50, 16, generator=gen).to(dtype)
+    bias = torch.randn(50, generator=gen).to(dtype)
+    labels = torch.randint(0, 50, (3, 5), generator=gen)
+    labels[0, :2] = labels[2, -1] = -100
+    upstream = torch.rand(3, 5, generator=gen)  # a per-token weight on each loss exercises backward fully
+    return hidden, weight, bias, labels, upstream
+
+
+def losses_and_grad(fn, hidden, weight, bias, labels, upstream):
+    hidden = hidden.clone().requires_grad_()
+    losses = fn(hidden, weight, bias, labels)
+    (losses * upstream).sum().backward()
+    return losses.detach(), hidden.grad
+
+
+@pytest.mark.parametrize("chunk_elements", [50, 150, 2**20], ids=["one-row-chunks", "three-row-chunks", "one-chunk"])
+def test_equals_logits_then_cross_entropy(monkeypatch, chunk_elements):
+    monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", chunk_elements)
+    case = head_case()
+    losses, grad = losses_and_grad(frozen_head_cross_entropy, *case)
+    expected_losses, expected_grad = losses_and_grad(reference_token_losses, *case)
+    labels = case[3]
+    assert torch.all(losses[labels == -100] == 0) and torch.all(expected_grad[labels == -100] == 0)
+    torch.testing.assert_close(losses, expected_losses.masked_fill(labels == -100, 0), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_matches_bfloat16_logits():
+    case = head_case(torch.bfloat16, seed=1)
+    losses, grad = losses_and_grad(frozen_head_cross_entropy, *case)
+    expected_losses, expected_grad = losses_and_grad(reference_token_losses, *case)
+    assert losses.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    keep = case[3] != -100
+    torch.testing.assert_close(losses[keep], expected_losses[keep], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(grad.float(), expected_grad.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_without_grad_it_only_scores():
+    hidden, weight, bias, labels, _ = head_case()
+    losses = frozen_head_cross_entropy(hidden, weight, bias, labels)
+    assert losses.grad_fn is None
+    torch.testing.assert_close(losses, reference_token_losses(hidden, weight, bias, labels.clamp_min(0)) * (labels != -100))
+
+
+def test_labels_must_match_hidden():
+    hidden, weight, bias, labels, _ = head_case()
+    with pytest.raises(ValueError, match=r"`labels` must have shape \(3, 5\) to match `hidden`, found \(3, 4\)"):
+        frozen_head_cross_entropy(hidden, weight, bias, labels[:, :4])
+
+
+# --- in the model -------------------------------------------------------------------------------------------
+def frozen_pair(kind):
+    """transformers' model and ours with the same weights, vision + LLM frozen, in training mode."""
+    reference, ours = make_reference(kind), make_ours(kind)
+    ours.load_state_dict(reference.state_dict())
+    reference.vision_model.requires_grad_(False)
+    reference.language_model.requires_grad_(False)
+    freeze_for_instruction_tuning(ours)
+    return reference.train(), ours.train()
+
+
+def trained_grads(model):
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", tiny.LLM_KINDS)
+def test_training_loss_and_gradients_match_reference(kind):
+    """The fused path (logits None) gives transformers' loss and the same Q-Former gradients."""
+    reference, ours = frozen_pair(kind)
+    inputs = batch_inputs(seed=21)
+    inputs.update(labels_for(kind, inputs))
+    expected, actual = reference(**inputs), ours(**inputs)
+    assert actual.logits is None and actual.token_losses is not None
+    expected.loss.backward()
+    actual.loss.backward()
+    torch.testing.assert_close(actual.loss, expected.loss, atol=1e-5, rtol=0)
+    expected_grads, actual_grads = trained_grads(reference), trained_grads(ours)
+    assert expected_grads.keys() == actual_grads.keys()
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(actual_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_fused_and_unfused_agree_on_loss_token_losses_and_num_items(kind):
+    _, fused = frozen_pair(kind)
+    _, plain = frozen_pair(kind)
+    plain.config.fused_head_loss = False
+    inputs = batch_inputs(seed=22)
+    inputs.update(labels_for(kind, inputs), num_items_in_batch=torch.tensor(40))
+    a, b = fused(**inputs), plain(**inputs)
+    assert a.logits is None and b.logits is not None
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.token_losses, b.token_losses[:, -a.token_losses.shape[1]:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.loss * 40, a.token_losses.sum(), atol=1e-4, rtol=0)
+
+
+def test_trainable_head_or_requested_logits_use_full_logits():
+    _, model = frozen_pair("llama")
+    inputs = batch_inputs(seed=23)
+    inputs.update(labels_for("llama", inputs))
+    assert model(**inputs, logits_to_keep=0).logits is not None  # logits asked for explicitly
+    model.language_model.get_output_embeddings().requires_grad_(True)
+    output = model(**inputs)
+    assert output.logits is not None
+    output.loss.backward()
+    assert model.language_model.get_output_embeddings().weight.grad is not None
+
+
+def test_eval_mode_returns_logits_and_no_token_losses():
+    _, model = frozen_pair("t5")
+    inputs = batch_inputs(seed=24)
+    inputs.update(labels_for("t5", inputs))
+    output = model.eval()(**inputs)
+    assert output.logits is not None and output.token_losses is None
+
+
+def test_head_is_restored_after_the_forward_even_on_error():
+    _, model = frozen_pair("t5")
+    head = model.language_model.get_output_embeddings()
+    inputs = batch_inputs(seed=25)
+    inputs.update(labels_for("t5", inputs))
+    model(**inputs)
+    assert not head._forward_pre_hooks
+    with pytest.raises(ValueError, match="`labels` must have shape"):
+        model(**{**inputs, "decoder_input_ids": inputs["labels"][:, :2].clamp_min(0)})  # 2 positions, 4 labels
+    assert not head._forward_pre_hooks
+    assert head(torch.zeros(1, 32)).shape == (1, 320)

@@ -1,0 +1,109 @@
+"""Cross-entropy through a frozen LM head without materialising the `[N, vocab]` logits.
+
+Training with a frozen LLM, the LM head is the widest layer left in the step: transformers builds the logits,
+keeps their log-softmax for backward, then allocates the gradient of both (four `[N, V]` float tensors alive
+at the start of backward). Here the head runs on chunks of rows, and because its weight is frozen, each chunk's
+gradient w.r.t. the hidden states (`(softmax - onehot) @ W`) is computed right away: only one chunk of logits is
+ever alive, and backward is a scalar multiply.
+
+Example:
+    >>> hidden = torch.randn(5, 8, requires_grad=True)
+    >>> head = torch.nn.Linear(8, 11, bias=False).requires_grad_(False)
+    >>> labels = torch.tensor([1, 2, -100, 4, 5])
+    >>> loss = frozen_head_cross_entropy(hidden, head.weight, None, labels).sum() / 4
+    >>> reference = torch.nn.functional.cross_entropy(head(hidden), labels)
+    >>> torch.allclose(loss, reference)
+    True
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+# LLM architectures whose forward ends with `logits = lm_head(hidden)`: nothing (soft-capping, scaling) after it.
+HEAD_IS_LAST_LAYER = frozenset({"llama", "mistral", "qwen2", "opt", "t5", "mt5"})
+CHUNK_ELEMENTS = 2**21  # logits per chunk (8 MiB in float32); smaller chunks slow the head matmuls on CPU
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy `[M]` of `hidden @ weight.T + bias` against `labels` (every row labelled)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_rows: int):  # [M, D], [V, D], [V] | None, [M]
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [M]
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # [M, D]
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = nn.functional.linear(hidden[rows], weight, bias)  # [C, V]
+            log_probs = torch.log_softmax(logits.float(), dim=-1)  # [C, V]
+            del logits
+            target = labels[rows, None]  # [C, 1]
+            losses[rows] = -log_probs.gather(1, target).squeeze(1)
+            if grad is not None:
+                # softmax(log p) = p. Not `log_probs.exp()`: the element-wise exp of very negative values (denormal
+                # results) runs ~15x slower on CPU than the softmax kernel.
+                probs = torch.softmax(log_probs, dim=-1)  # [C, V]
+                del log_probs
+                probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))  # d loss_i / d logits_i
+                grad[rows] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):  # [M]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_losses.to(grad.dtype)[:, None], None, None, None, None
+
+
+def frozen_head_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T + bias` at every position of `labels`, 0 where the label is -100.
+
+    `hidden` `[..., D]` and `labels` `[...]` align position by position; the result has `labels`' shape and is
+    float32. The weight and bias get no gradient.
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"`labels` must have shape {tuple(hidden.shape[:-1])} to match `hidden`, found "
+                         f"{tuple(labels.shape)}.")
+    labels = labels.to(hidden.device)
+    keep = labels != -100
+    chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    losses = _FrozenHeadCrossEntropy.apply(hidden[keep], weight, bias, labels[keep], chunk_rows)  # [M]
+    return torch.zeros(labels.shape, dtype=losses.dtype, device=losses.device).masked_scatter(keep, losses)
+
+
+def head_is_frozen_linear(head: nn.Module | None) -> bool:
+    """Whether `head` is a plain `nn.Linear` on ordinary tensors with no trainable parameter."""
+    return (
+        type(head) is nn.Linear
+        and all(not p.requires_grad and type(p.data) is torch.Tensor for p in head.parameters())
+    )
+
+
+@contextmanager
+def head_loss_instead_of_logits(
+    head: nn.Linear, labels: torch.Tensor, shift: bool, result: dict
+) -> Iterator[None]:
+    """While active, `head` puts the per-position losses of its input against `labels` in `result["token_losses"]`
+    (`[B, L]`, or `[B, L - 1]` with `shift`) and returns empty logits.
+
+    The loss is taken inside the head's own call, where wrappers that gather sharded weights (ZeRO-3, FSDP)
+    have made them whole. `shift`: decoder-only, position t predicts label t + 1.
+    """
+
+    def hook(module: nn.Linear, args: tuple) -> tuple:
+        hidden = args[0]  # [B, L, D]
+        aligned_hidden, aligned_labels = (hidden[:, :-1], labels[:, 1:]) if shift else (hidden, labels)
+        result["token_losses"] = frozen_head_cross_entropy(aligned_hidden, module.weight, module.bias, aligned_labels)
+        return (hidden[:, :0],)  # [B, 0, D]: the LLM's own logits come out empty
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
