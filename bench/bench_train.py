@@ -35,13 +35,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adamw", choices=("fused", "foreach", "for-loop"), default="fused",
                         help="AdamW implementation (default fused: Trainer's default optim, adamw_torch_fused)")
     parser.add_argument("--memory-steps", type=int, default=3, help="steps run by each peak-memory subprocess")
+    parser.add_argument("--vision-cache", action="store_true",
+                        help="ours reuses cached vision features (a later epoch's steady state; transformers has no "
+                             "such cache, so its side is unchanged)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-child", choices=common.SIDES, help=argparse.SUPPRESS)  # internal
     return parser.parse_args(argv)
 
 
-def prepare_for_training(model: torch.nn.Module, side: str) -> int:
+def prepare_for_training(model: torch.nn.Module, side: str, vision_cache: bool = False) -> int:
     """Freeze vision + LLM (eval mode: no dropout in them), train the rest; returns the trainable count."""
+    if side == "ours" and vision_cache:
+        model.enable_vision_feature_cache(storage_device=next(model.parameters()).device)
     model.vision_model.requires_grad_(False)
     model.language_model.requires_grad_(False)
     model.train()
@@ -51,6 +56,13 @@ def prepare_for_training(model: torch.nn.Module, side: str) -> int:
         model.vision_model.eval()
         model.language_model.eval()
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def side_batch(batch: dict, side: str, vision_cache: bool) -> dict:
+    """`batch`, plus `image_ids` for ours when it caches vision features."""
+    if side != "ours" or not vision_cache:
+        return batch
+    return {**batch, "image_ids": torch.arange(batch["pixel_values"].shape[0], device=batch["pixel_values"].device)}
 
 
 def make_step(model: torch.nn.Module, batch: dict, lr: float, adamw: str = "fused") -> Callable[[], float]:
@@ -92,9 +104,10 @@ def memory_child(args: argparse.Namespace) -> None:
     """Subprocess body: build one side alone, then report the peak memory of its first training steps."""
     preset, dtype, backbones = common.setup(args)
     model = common.build_one(args.memory_child, preset, backbones[0], args.device, dtype)
-    prepare_for_training(model, args.memory_child)
-    step = make_step(model, common.train_batch(preset, backbones[0], args.device, dtype, args.seed), args.lr,
-                     args.adamw)
+    prepare_for_training(model, args.memory_child, args.vision_cache)
+    batch = side_batch(common.train_batch(preset, backbones[0], args.device, dtype, args.seed), args.memory_child,
+                       args.vision_cache)
+    step = make_step(model, batch, args.lr, args.adamw)
     common.warm_autograd_runtime(args.device)
     with common.PeakMemory(args.device) as peak:
         for _ in range(args.memory_steps):
@@ -109,6 +122,7 @@ def memory_command(args: argparse.Namespace, backbone: str, side: str) -> list[s
     command = [sys.executable, __file__, "--memory-child", side, "--preset", args.preset, "--device", args.device,
                "--backbones", backbone, "--seed", str(args.seed), "--memory-steps", str(args.memory_steps),
                "--lr", str(args.lr), "--adamw", args.adamw]
+    command += ["--vision-cache"] if args.vision_cache else []
     command += ["--shrink"] if args.shrink else []
     command += ["--dtype", args.dtype] if args.dtype else []
     command += ["--threads", str(args.threads)] if args.threads else []
@@ -148,14 +162,17 @@ def bench_backbone(args: argparse.Namespace, preset: common.Preset, dtype: torch
     context = {"bench": "train", "preset": preset.name, "device": args.device, "dtype": str(dtype)[6:],
                "backbone": backbone, "batch": preset.train_batch,
                "text_tokens": preset.train_prompt_len + preset.train_answer_len}
+    if args.vision_cache:
+        context["vision_cache"] = "ours"
     pair = common.build_pair(preset, backbone, args.device, dtype, args.seed)
     batch = common.train_batch(preset, backbone, args.device, dtype, args.seed)
     common.emit(loss_check(context, pair, batch, dtype))
-    trainable = {side: prepare_for_training(pair[side], side) for side in common.SIDES}
+    trainable = {side: prepare_for_training(pair[side], side, args.vision_cache) for side in common.SIDES}
     if trainable["ours"] != trainable["theirs"]:
         raise RuntimeError(f"Trainable parameter counts differ: {trainable}.")
     common.emit({**context, "trainable_params": trainable["ours"]})
-    steps = {side: make_step(pair[side], batch, args.lr, args.adamw) for side in common.SIDES}
+    steps = {side: make_step(pair[side], side_batch(batch, side, args.vision_cache), args.lr, args.adamw)
+             for side in common.SIDES}
     times, _ = common.time_alternating(steps, args.reps or preset.train_reps,
                                        preset.train_warmup if args.warmup is None else args.warmup, args.device)
     common.emit(common.figure(context, "step_s", "s", times["ours"], times["theirs"]))

@@ -142,6 +142,16 @@ def test_dataset_names_pass_through(processor):
         collator([named[0], records()[1]])
 
 
+def test_image_ids_become_a_long_tensor(processor):
+    collator = InstructBlipDataCollator(processor, decoder_only=True)
+    with_ids = [{**r, "image_id": 10 + i} for i, r in enumerate(records())]
+    ids = collator(with_ids)["image_ids"]
+    assert ids.dtype == torch.long and ids.tolist() == [10 + i for i in range(len(with_ids))]
+    assert "image_ids" not in collator(records())
+    with pytest.raises(ValueError, match=r"records \[1\].*'image_id'"):
+        collator([with_ids[0], records()[1]])
+
+
 @pytest.mark.parametrize(
     ("change", "error", "pattern"),
     [
@@ -151,6 +161,8 @@ def test_dataset_names_pass_through(processor):
         (lambda r: r.update(answer=["a"]), TypeError, r"record 1: field 'answer' must be a str, found list"),
         (lambda r: r.update(answer="a <image> b"), ValueError, r"record 1: field 'answer' contains the image token"),
         (lambda r: r.update(dataset=3), TypeError, r"record 1: field 'dataset' must be a str"),
+        (lambda r: r.update(image_id="a"), TypeError, r"record 1: field 'image_id' must be a int, found str"),
+        (lambda r: r.update(image_id=True), TypeError, r"record 1: field 'image_id' must be a int, found bool"),
     ],
 )
 def test_bad_records_name_index_and_field(change, error, pattern):

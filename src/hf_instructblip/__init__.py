@@ -36,6 +36,7 @@ from .ranking import CandidateRanking, rank_candidates
 from .sampler import BalancedConcatSampler, SamplerEpochCallback
 from .templates import eval_prompt, make_instruction_record, template_family, templates_for
 from .trainer import InstructBlipTrainer
+from .vision_cache import VisionFeatureCache
 from .vision_encoder import InstructBlipVisionModel
 
 AutoConfig.register(InstructBlipConfig.model_type, InstructBlipConfig, exist_ok=True)
@@ -65,6 +66,7 @@ __all__ = [
     "MixtureSource",
     "ParameterTable",
     "SamplerEpochCallback",
+    "VisionFeatureCache",
     "build_instruction_mixture",
     "cider_d",
     "eval_prompt",

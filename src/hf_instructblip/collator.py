@@ -22,11 +22,10 @@ import torch
 IGNORE_INDEX = -100  # label value the loss skips
 
 
-def _check_records(records: Sequence[Any]) -> bool:
-    """Validate every record; return whether they carry a `dataset` name (all of them, or none)."""
+def _check_records(records: Sequence[Any]) -> None:
+    """Validate the required fields of every record."""
     if len(records) == 0:
         raise ValueError("The collator received an empty batch (0 records).")
-    named = []
     for index, record in enumerate(records):
         if not isinstance(record, Mapping):
             raise TypeError(f"record {index}: expected a mapping with 'image', 'instruction', 'answer', "
@@ -40,14 +39,22 @@ def _check_records(records: Sequence[Any]) -> bool:
             if not isinstance(record[field], str):
                 raise TypeError(f"record {index}: field '{field}' must be a str, "
                                 f"found {type(record[field]).__name__}.")
-        named.append(record.get("dataset") is not None)
-        if named[-1] and not isinstance(record["dataset"], str):
-            raise TypeError(f"record {index}: field 'dataset' must be a str, found {type(record['dataset']).__name__}.")
-    if any(named) and not all(named):
-        missing = [i for i, has in enumerate(named) if not has]
-        raise ValueError(f"records {missing}: field 'dataset' is missing while other records in the batch carry one; "
-                         "give every record a dataset name, or none.")
-    return all(named)
+
+
+def _optional_field(records: Sequence[Mapping], field: str, kind: type) -> list | None:
+    """The values of an optional field that every record carries (or none does), checked to be `kind`."""
+    present = [record.get(field) is not None for record in records]
+    for index, record in enumerate(records):
+        value = record.get(field)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise TypeError(f"record {index}: field '{field}' must be a {kind.__name__}, found {type(value).__name__}.")
+    if not any(present):
+        return None
+    if not all(present):
+        missing = [i for i, has in enumerate(present) if not has]
+        raise ValueError(f"records {missing}: field '{field}' is missing while other records in the batch carry one; "
+                         f"give every record a {field}, or none.")
+    return [record[field] for record in records]
 
 
 def _tokenizer_adds_bos(tokenizer: Any) -> bool:
@@ -70,7 +77,7 @@ def _pad_right(rows: list[list[int]], pad_id: int, fill: int | None = None) -> t
 
 @dataclass
 class InstructBlipDataCollator:
-    """Collate `{image, instruction, answer[, dataset]}` records into InstructBLIP training inputs.
+    """Collate `{image, instruction, answer[, dataset][, image_id]}` records into InstructBLIP training inputs.
 
     Args:
         processor: provides `tokenizer` (LLM, with the image token), `qformer_tokenizer`, `image_processor`,
@@ -86,7 +93,8 @@ class InstructBlipDataCollator:
 
     Returns a dict of tensors `pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
     attention_mask, labels`, plus `dataset` (list of str) when the records carry dataset names
-    (`InstructBlipTrainer` strips it before the model call and logs per-dataset statistics).
+    (`InstructBlipTrainer` strips it before the model call and logs per-dataset statistics), and `image_ids`
+    (`[B]` int64) when they carry an integer `image_id` (read by the model's vision feature cache, if enabled).
 
     Example:
         >>> collator = InstructBlipDataCollator(processor, decoder_only=model.config.use_decoder_only_language_model)
@@ -183,7 +191,7 @@ class InstructBlipDataCollator:
 
     # --- batch ----------------------------------------------------------------------------------------------
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        named = _check_records(records)
+        _check_records(records)
         rows = self._decoder_only_rows if self.decoder_only else self._encoder_decoder_rows
         inputs, labels = zip(*(rows(record, i) for i, record in enumerate(records)))
         pad_id = self.processor.tokenizer.pad_token_id
@@ -204,6 +212,9 @@ class InstructBlipDataCollator:
             "attention_mask": attention_mask,
             "labels": label_ids,
         }
-        if named:
-            batch["dataset"] = [record["dataset"] for record in records]
+        names, image_ids = _optional_field(records, "dataset", str), _optional_field(records, "image_id", int)
+        if names is not None:
+            batch["dataset"] = names
+        if image_ids is not None:
+            batch["image_ids"] = torch.tensor(image_ids, dtype=torch.long)  # [B], for the vision feature cache
         return batch

@@ -19,7 +19,8 @@ from .configuration import InstructBlipConfig
 from .head_loss import HEAD_IS_LAST_LAYER, head_is_frozen_linear, head_loss_instead_of_logits
 from .pretrained import InstructBlipPreTrainedModel
 from .qformer import InstructBlipQFormerModel
-from .vision_encoder import InstructBlipVisionModel
+from .vision_cache import VisionFeatureCache
+from .vision_encoder import InstructBlipVisionModel, check_pixel_values
 
 
 @dataclass
@@ -103,6 +104,7 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
         llm_class = AutoModelForCausalLM if config.use_decoder_only_language_model else AutoModelForSeq2SeqLM
         self.language_model = llm_class.from_config(config.text_config)
+        self.vision_feature_cache: VisionFeatureCache | None = None  # see enable_vision_feature_cache
         self.post_init()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -133,16 +135,28 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         return self.language_model.get_decoder()
 
     # --- image -> LLM-space features ----------------------------------------------------------------
+    def enable_vision_feature_cache(self, storage_device: str | torch.device = "cpu") -> VisionFeatureCache:
+        """Encode each image once: inputs that carry `image_ids` reuse cached vision features (`vision_cache.py`).
+
+        Only valid with a frozen vision encoder and deterministic preprocessing; returns the (new, empty) cache.
+        """
+        self.vision_feature_cache = VisionFeatureCache(storage_device)
+        return self.vision_feature_cache
+
+    def disable_vision_feature_cache(self) -> None:
+        self.vision_feature_cache = None
+
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        image_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> InstructBlipImageFeatures:
         """Images (+ instruction for the Q-Former) -> `pooler_output` `[B, Q, D_llm]`."""
-        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        vision_outputs = self._vision_outputs(pixel_values, interpolate_pos_encoding, image_ids)
         image_embeds = vision_outputs.last_hidden_state  # [B, N, D_vision]
         batch = image_embeds.shape[0]
         queries = self.query_tokens.expand(batch, -1, -1)  # [B, Q, D_qformer]
@@ -159,6 +173,22 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
             vision_outputs=vision_outputs,
             qformer_outputs=qformer_outputs,
         )
+
+    def _vision_outputs(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool, image_ids: torch.Tensor | None
+    ) -> BaseModelOutput:
+        """The vision encoder's outputs, or with the cache on and `image_ids` given, its cached features."""
+        if self.vision_feature_cache is None or image_ids is None:
+            return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if any(p.requires_grad for p in self.vision_model.parameters()):
+            raise ValueError("The vision feature cache needs a frozen vision encoder (its features must not change); "
+                             "freeze it (e.g. freeze_for_instruction_tuning) or call disable_vision_feature_cache().")
+        check_pixel_values(pixel_values, self.config.vision_config.image_size, interpolate_pos_encoding)
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            return self.vision_model(pixels, interpolate_pos_encoding=interpolate_pos_encoding).last_hidden_state
+
+        return BaseModelOutput(last_hidden_state=self.vision_feature_cache.features(image_ids, pixel_values, encode))
 
     def _qformer_text(
         self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch: int
@@ -250,16 +280,20 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         num_items_in_batch: int | torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> InstructBlipForConditionalGenerationModelOutput:
         """`labels` use -100 for ignored positions; decoder-only labels align with `input_ids` (shifted here).
+        `image_ids` `[B]` (integers) name the images for the vision feature cache, when it is enabled.
 
         In training mode with `labels`, the LM head is applied only where the loss needs it: with
         `config.fused_head_loss` (default) and a frozen head, the loss is computed chunk by chunk through the head
         and `logits` is None (`head_loss.py`); otherwise a decoder-only LLM's `logits` hold only the positions from
         the one before the first label on (image and prompt positions carry no loss).
         """
-        image = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
+        image = self.get_image_features(
+            pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding, image_ids
+        )
         inputs_embeds, attention_mask = self._llm_inputs(input_ids, inputs_embeds, attention_mask, image.pooler_output)
         llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **kwargs}
         if not self.config.use_decoder_only_language_model:
@@ -325,6 +359,7 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         inputs_embeds: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         generation_config: GenerationConfig | None = None,
+        image_ids: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """Generate with the LLM from image + prompt, using this model's `generation_config` by default.
@@ -332,7 +367,9 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         Decoder-only LLMs return the prompt ids followed by the new tokens (as transformers' InstructBLIP);
         encoder-decoder LLMs return the decoder ids.
         """
-        image = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding)
+        image = self.get_image_features(
+            pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding, image_ids
+        )
         features = image.pooler_output  # [B, Q, D_llm]
         if input_ids is None:
             if inputs_embeds is not None:

@@ -1,0 +1,74 @@
+"""Opt-in cache of frozen vision features, so a multi-epoch run encodes each image once.
+
+With the vision encoder frozen (InstructBLIP's recipe) and a deterministic image processor (transformers'
+`BlipImageProcessor` is: resize + normalise, no augmentation), an image's features are the same every epoch.
+At the official shapes the ViT-g forward is a large share of a Q-Former-only training step, and it is pure
+recomputation from the second epoch on.
+
+Records name their image with an integer `image_id` (the collator turns them into `image_ids`); the model looks
+each id up and runs the vision encoder only on the misses. The id must identify the *preprocessed* pixels: with
+random augmentation, do not enable the cache.
+
+Example:
+    >>> cache = model.enable_vision_feature_cache()  # features kept on the CPU by default
+    >>> trainer.train()  # batches carry `image_ids`; epoch 2 on runs no vision encoder
+    >>> cache.hits, cache.misses, len(cache)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class VisionFeatureCache:
+    """Vision features `[N, D]` per `(image_id, height, width)`, stored on `storage_device` (default CPU).
+
+    Memory: `N * D` values per image in the model dtype, e.g. 257 x 1408 in bf16 = 0.7 MiB for EVA ViT-g at
+    224 px (10,000 images: 7 GiB). Counters `hits` / `misses` count images.
+    """
+
+    def __init__(self, storage_device: str | torch.device = "cpu"):
+        self.storage_device = torch.device(storage_device)
+        self._features: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def clear(self) -> None:
+        self._features.clear()
+        self.hits = self.misses = 0
+
+    def features(
+        self,
+        image_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Features `[B, N, D]` for `pixel_values` `[B, 3, H, W]`; `encode` runs on the uncached rows only."""
+        keys = [(image_id, *pixel_values.shape[-2:]) for image_id in check_image_ids(image_ids, pixel_values)]
+        missing = [row for row, key in enumerate(keys) if key not in self._features]
+        if missing:
+            fresh = encode(pixel_values[missing]).detach()  # [M, N, D]
+            for row, features in zip(missing, fresh.to(self.storage_device)):
+                self._features[keys[row]] = features.clone()  # its own storage, not a view of the batch
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        return torch.stack([self._features[key] for key in keys]).to(pixel_values.device, non_blocking=True)
+
+
+def check_image_ids(image_ids: torch.Tensor, pixel_values: torch.Tensor) -> list[int]:
+    """`image_ids` as a list of ints, after checking it is an integer tensor `[B]` matching `pixel_values`."""
+    if not isinstance(image_ids, torch.Tensor) or image_ids.dtype not in INTEGER_DTYPES:
+        found = image_ids.dtype if isinstance(image_ids, torch.Tensor) else type(image_ids).__name__
+        raise TypeError(f"`image_ids` must be an integer torch.Tensor of shape [batch], found {found}.")
+    if image_ids.shape != pixel_values.shape[:1]:
+        raise ValueError(f"`image_ids` must have shape [{pixel_values.shape[0]}] (one id per image in "
+                         f"`pixel_values`), found {list(image_ids.shape)}.")
+    return image_ids.tolist()
