@@ -1,10 +1,10 @@
 """Cross-entropy through a frozen LM head without materialising the `[N, vocab]` logits.
 
 Training with a frozen LLM, the LM head is the widest layer left in the step: transformers builds the logits,
-keeps their log-softmax for backward, then allocates the gradient of both (four `[N, V]` float tensors alive
-at the start of backward). Here the head runs on chunks of rows, and because its weight is frozen, each chunk's
-gradient w.r.t. the hidden states (`(softmax - onehot) @ W`) is computed right away: only one chunk of logits is
-ever alive, and backward is a scalar multiply.
+keeps their log-softmax for backward, then allocates two gradients of that size (three `[N, V]` float tensors
+alive at the start of backward, four if the caller still holds the logits). Here the head runs on chunks of
+rows, and because its weight is frozen, each chunk's gradient w.r.t. the hidden states (`(softmax - onehot) @ W`)
+is computed right away: one chunk of logits is alive at a time, and backward is a multiply.
 
 Example:
     >>> hidden = torch.randn(5, 8, requires_grad=True)
@@ -26,7 +26,7 @@ from torch import nn
 
 # LLM architectures whose forward ends with `logits = lm_head(hidden)`: nothing (soft-capping, scaling) after it.
 HEAD_IS_LAST_LAYER = frozenset({"llama", "mistral", "qwen2", "opt", "t5", "mt5"})
-CHUNK_ELEMENTS = 2**21  # logits per chunk (8 MiB in float32); smaller chunks slow the head matmuls on CPU
+CHUNK_ELEMENTS = 2**21  # logits per chunk (8 MiB in float32); smaller chunks slow the head's matmuls on CPU
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
