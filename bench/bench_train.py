@@ -6,7 +6,8 @@ Vision encoder and LLM are frozen on both sides (`requires_grad_(False)` and eva
 - `peak_memory_mib`: peak memory of the first `--memory-steps` steps (optimizer state included) over the
   memory held after building the model, each side measured alone in a fresh subprocess
   (`peak_memory_total_mib`: the absolute peak, weights included);
-- a `loss_equal` check: both sides' loss on the batch in eval mode (no dropout) before training.
+- `loss_equal` / `train_mode_loss_equal` checks: both sides' loss on the batch in eval mode, and in training
+  mode with the Q-Former's dropout off (ours then takes its fused LM-head loss), before training.
 
     python bench/bench_train.py                                  # CPU preset
     python bench/bench_train.py --device cuda --preset vicuna7b  # real shape, bf16, random weights
@@ -80,23 +81,30 @@ def make_step(model: torch.nn.Module, batch: dict, lr: float, adamw: str = "fuse
     return step
 
 
-def loss_check(context: dict, pair: dict, batch: dict, dtype: torch.dtype) -> dict:
-    """Both sides' loss (and logits, where shapes agree) in eval mode on the same batch.
+def loss_check(context: dict, pair: dict, batch: dict, dtype: torch.dtype, training: bool = False) -> dict:
+    """Both sides' loss (and logits, where both return them) on the same batch, without dropout.
 
-    Identical weights => equal up to float rounding; in bf16 transformers' T5 takes the loss of bf16 logits
-    while ours upcasts them first, hence the relative tolerance.
+    `training=False`: eval mode. `training=True`: after `prepare_for_training`, in training mode with only the
+    Q-Former's dropout switched off, so ours takes its fused LM-head loss (`logits` None) and transformers its
+    logits. Identical weights => equal up to float rounding; in bf16 transformers' T5 takes the loss of bf16
+    logits while ours upcasts them first, hence the relative tolerance.
     """
+    for model in pair.values():
+        model.qformer.eval() if training else model.eval()
     with torch.no_grad():
-        outputs = {side: pair[side].eval()(**batch) for side in common.SIDES}
+        outputs = {side: pair[side](**batch) for side in common.SIDES}
+    for model in pair.values():
+        model.qformer.train(training)
     losses = {side: float(outputs[side].loss) for side in common.SIDES}
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     diff = abs(losses["ours"] - losses["theirs"])
-    record = {**context, "check": "loss_equal", "ours": losses["ours"], "theirs": losses["theirs"],
-              "abs_diff": diff, "tolerance": tolerance,
+    record = {**context, "check": "train_mode_loss_equal" if training else "loss_equal", "ours": losses["ours"],
+              "theirs": losses["theirs"], "abs_diff": diff, "tolerance": tolerance,
               "equal": diff <= tolerance * max(1.0, abs(losses["theirs"]))}
     ours_logits, theirs_logits = outputs["ours"].logits, outputs["theirs"].logits
     if ours_logits is not None and ours_logits.shape == theirs_logits.shape:
         record["logits_max_abs_diff"] = float((ours_logits.float() - theirs_logits.float()).abs().max())
+    record["ours_fused_head_loss"] = ours_logits is None
     return record
 
 
@@ -171,6 +179,7 @@ def bench_backbone(args: argparse.Namespace, preset: common.Preset, dtype: torch
     if trainable["ours"] != trainable["theirs"]:
         raise RuntimeError(f"Trainable parameter counts differ: {trainable}.")
     common.emit({**context, "trainable_params": trainable["ours"]})
+    common.emit(loss_check(context, pair, batch, dtype, training=True))
     steps = {side: make_step(pair[side], side_batch(batch, side, args.vision_cache), args.lr, args.adamw)
              for side in common.SIDES}
     times, _ = common.time_alternating(steps, args.reps or preset.train_reps,

@@ -67,6 +67,8 @@ def test_train_smoke_with_peak_memory_subprocesses(capsys):
     records = run(bench_train.main, ["--preset", "smoke", "--backbones", "llama"], capsys)
     (check,) = [r for r in records if r.get("check") == "loss_equal"]
     assert check["equal"] and check.get("logits_max_abs_diff", 0.0) <= 1e-5, check
+    (check,) = [r for r in records if r.get("check") == "train_mode_loss_equal"]
+    assert check["equal"] and check["ours_fused_head_loss"], check  # the fused head loss equals theirs
     (trainable,) = [r["trainable_params"] for r in records if "trainable_params" in r]
     preset = common.PRESETS["smoke"]
     hidden, vocab = preset.qformer["hidden_size"], preset.qformer["vocab_size"]
@@ -87,8 +89,9 @@ def test_gpu_presets_code_path_on_cpu(capsys):
     (check,) = [r for r in records if r.get("check") == "greedy_ids_equal"]
     assert check["equal"] and check["dtype"] == "bfloat16" and check["backbone"] == "llama"
     records = run(bench_train.main, ["--preset", "flant5xl", "--shrink", "--no-memory"], capsys)
-    (check,) = [r for r in records if r.get("check") == "loss_equal"]
-    assert check["equal"] and check["dtype"] == "bfloat16" and check["backbone"] == "t5"
+    for name in ("loss_equal", "train_mode_loss_equal"):
+        (check,) = [r for r in records if r.get("check") == name]
+        assert check["equal"] and check["dtype"] == "bfloat16" and check["backbone"] == "t5", check
     assert figures(records, "step_s") and not figures(records, "peak_memory_mib")
 
 

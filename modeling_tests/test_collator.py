@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import pytest
 import torch
 import tiny
@@ -144,7 +145,7 @@ def test_dataset_names_pass_through(processor):
 
 def test_image_ids_become_a_long_tensor(processor):
     collator = InstructBlipDataCollator(processor, decoder_only=True)
-    with_ids = [{**r, "image_id": 10 + i} for i, r in enumerate(records())]
+    with_ids = [{**r, "image_id": np.int64(10 + i) if i else 10} for i, r in enumerate(records())]  # numpy ints too
     ids = collator(with_ids)["image_ids"]
     assert ids.dtype == torch.long and ids.tolist() == [10 + i for i in range(len(with_ids))]
     assert "image_ids" not in collator(records())
@@ -161,8 +162,8 @@ def test_image_ids_become_a_long_tensor(processor):
         (lambda r: r.update(answer=["a"]), TypeError, r"record 1: field 'answer' must be a str, found list"),
         (lambda r: r.update(answer="a <image> b"), ValueError, r"record 1: field 'answer' contains the image token"),
         (lambda r: r.update(dataset=3), TypeError, r"record 1: field 'dataset' must be a str"),
-        (lambda r: r.update(image_id="a"), TypeError, r"record 1: field 'image_id' must be a int, found str"),
-        (lambda r: r.update(image_id=True), TypeError, r"record 1: field 'image_id' must be a int, found bool"),
+        (lambda r: r.update(image_id="a"), TypeError, r"record 1: field 'image_id' must be an int, found str"),
+        (lambda r: r.update(image_id=True), TypeError, r"record 1: field 'image_id' must be an int, found bool"),
     ],
 )
 def test_bad_records_name_index_and_field(change, error, pattern):

@@ -6,9 +6,15 @@ from __future__ import annotations
 import pytest
 import tiny
 import torch
-from test_modeling import batch_inputs, labels_for, make_ours, make_reference
+from test_modeling import IMAGE_TOKEN, batch_inputs, labels_for, make_ours, make_reference
+from transformers import AutoConfig
 
-from hf_instructblip import freeze_for_instruction_tuning, head_loss
+from hf_instructblip import (
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    freeze_for_instruction_tuning,
+    head_loss,
+)
 from hf_instructblip.head_loss import frozen_head_cross_entropy
 
 
@@ -148,3 +154,92 @@ def test_head_is_restored_after_the_forward_even_on_error():
         model(**{**inputs, "decoder_input_ids": inputs["labels"][:, :2].clamp_min(0)})  # 2 positions, 4 labels
     assert not head._forward_pre_hooks
     assert head(torch.zeros(1, 32)).shape == (1, 320)
+
+
+def frozen_ours(text_config, seed=0):
+    """Ours with any tiny LLM config, vision + LLM frozen, training mode (all dropout rates 0)."""
+    config = InstructBlipConfig(**tiny.config_kwargs("llama", IMAGE_TOKEN, text_config=text_config.to_dict()))
+    model = tiny.randomize_(InstructBlipForConditionalGeneration(config), seed)
+    freeze_for_instruction_tuning(model)
+    return model.train()
+
+
+def fused_and_unfused(model, inputs):
+    """(loss, trained grads) with the fused head loss, then with full logits."""
+    results = []
+    for fused in (True, False):
+        model.config.fused_head_loss = fused
+        model.zero_grad()
+        output = model(**inputs)
+        assert (output.logits is None) == fused
+        output.loss.backward()
+        results.append((output.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    return results
+
+
+def assert_same(results, atol=1e-5, rtol=1e-4):
+    (loss, grads), (expected_loss, expected_grads) = results
+    torch.testing.assert_close(loss, expected_loss, atol=atol, rtol=0)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=atol, rtol=rtol, msg=name)
+
+
+LLAMA_LIKE = dict(vocab_size=320, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=256)
+OTHER_LLMS = {
+    "mistral": dict(LLAMA_LIKE, sliding_window=None),
+    "qwen2": dict(LLAMA_LIKE),
+    "mt5": dict(vocab_size=320, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4,
+                dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2,
+                feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(OTHER_LLMS))
+def test_other_allow_listed_llms_end_with_the_head(model_type):
+    """Nothing after `lm_head` in their forward (what the allow-list asserts): fused == full logits."""
+    model = frozen_ours(AutoConfig.for_model(model_type, **OTHER_LLMS[model_type]))
+    inputs = batch_inputs(seed=26)
+    inputs.update(labels_for("t5" if model_type == "mt5" else "llama", inputs))
+    assert_same(fused_and_unfused(model, inputs))
+
+
+def test_llm_outside_the_allow_list_keeps_its_logits():
+    config = AutoConfig.for_model("gemma2", **dict(LLAMA_LIKE, head_dim=8, final_logit_softcapping=30.0))
+    model = frozen_ours(config)
+    inputs = batch_inputs(seed=27)
+    inputs.update(labels_for("llama", inputs))
+    assert model(**inputs).logits is not None
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_chunks_and_num_items_in_batch_inside_the_model(monkeypatch, kind):
+    monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(head_loss, "MIN_CHUNK_ROWS", 3)  # chunks of 3 rows
+    _, model = frozen_pair(kind)
+    inputs = batch_inputs(seed=28)
+    inputs.update(labels_for(kind, inputs), num_items_in_batch=torch.tensor(40))
+    assert_same(fused_and_unfused(model, inputs))
+
+
+def test_bfloat16_model_gradients_match_full_logits():
+    _, model = frozen_pair("llama")
+    model.to(torch.bfloat16)
+    inputs = batch_inputs(seed=29)
+    inputs.update(labels_for("llama", inputs), pixel_values=inputs["pixel_values"].to(torch.bfloat16))
+    assert_same(fused_and_unfused(model, inputs), atol=2e-2, rtol=5e-2)
+
+
+def test_offloaded_head_falls_back_to_logits():
+    """accelerate's offload hook loads the weight after our pre-hook: the head must then run as usual."""
+    from accelerate import cpu_offload
+
+    _, model = frozen_pair("llama")
+    inputs = batch_inputs(seed=30)
+    inputs.update(labels_for("llama", inputs))
+    expected = model(**inputs).loss
+    cpu_offload(model.language_model.get_output_embeddings(), execution_device="cpu")
+    assert model.language_model.get_output_embeddings().weight.is_meta
+    output = model(**inputs)
+    assert output.logits is not None
+    torch.testing.assert_close(output.loss, expected, atol=1e-6, rtol=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import tiny
 import torch
 from test_modeling import batch_inputs, labels_for, make_ours
 from test_training import collator_for, make_model, make_processor, make_records, training_args
@@ -128,3 +129,40 @@ def test_trainer_epochs_encode_each_image_once_and_train_identically(tmp_path):
     assert max((results[False][n] - start[n]).abs().max().item() for n in results[False]) > 1e-4  # it trained
     for name, expected in results[False].items():
         torch.testing.assert_close(results[True][name], expected, atol=1e-6, rtol=0, msg=name)
+
+
+def test_an_id_reused_for_other_pixels_is_refused():
+    """Two datasets both numbering images from 0 would otherwise get each other's features."""
+    model = frozen_model("llama").eval()
+    model.enable_vision_feature_cache()
+    inputs = batch_inputs(seed=36)
+    with torch.no_grad():
+        model(**inputs, image_ids=torch.tensor([0, 1, 2]))
+        other = {**inputs, "pixel_values": inputs["pixel_values"].flip(0)}  # same ids, images swapped
+        with pytest.raises(ValueError, match=r"`image_ids\[0\]` = 0 was cached for different pixels"):
+            model(**other, image_ids=torch.tensor([0, 1, 2]))
+
+
+def test_entries_from_generate_are_ordinary_tensors_and_follow_a_dtype_cast():
+    model = frozen_model("llama").eval()
+    cache = model.enable_vision_feature_cache()
+    inputs = batch_inputs(seed=37)
+    model.generate(**inputs, image_ids=torch.tensor([4, 5, 6]), max_new_tokens=2)  # fills under inference_mode
+    assert not any(features.is_inference() for features, _ in cache._entries.values())
+    model.to(torch.bfloat16)
+    bf16_inputs = {**inputs, "pixel_values": inputs["pixel_values"].to(torch.bfloat16)}
+    with torch.no_grad():
+        output = model(**bf16_inputs, image_ids=torch.tensor([4, 5, 6]))  # cached fp32 features, bf16 model
+    assert output.logits.dtype == torch.bfloat16 and cache.hits == 3
+
+
+def test_vision_dropout_in_training_mode_is_refused():
+    model = make_ours("t5", vision_config=tiny.vision_config(attention_dropout=0.1))
+    model.vision_model.requires_grad_(False)
+    model.enable_vision_feature_cache()
+    inputs = batch_inputs(seed=38)
+    inputs.update(labels_for("t5", inputs))
+    with pytest.raises(ValueError, match="without dropout"):
+        model.train()(**inputs, image_ids=torch.tensor([1, 2, 3]))
+    model.vision_model.eval()
+    model(**inputs, image_ids=torch.tensor([1, 2, 3]))

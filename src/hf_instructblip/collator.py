@@ -13,6 +13,7 @@ training semantics), built from token ids, never by re-splitting rendered string
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,13 +42,13 @@ def _check_records(records: Sequence[Any]) -> None:
                                 f"found {type(record[field]).__name__}.")
 
 
-def _optional_field(records: Sequence[Mapping], field: str, kind: type) -> list | None:
+def _optional_field(records: Sequence[Mapping], field: str, kind: type, kind_name: str) -> list | None:
     """The values of an optional field that every record carries (or none does), checked to be `kind`."""
     present = [record.get(field) is not None for record in records]
     for index, record in enumerate(records):
         value = record.get(field)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise TypeError(f"record {index}: field '{field}' must be a {kind.__name__}, found {type(value).__name__}.")
+            raise TypeError(f"record {index}: field '{field}' must be {kind_name}, found {type(value).__name__}.")
     if not any(present):
         return None
     if not all(present):
@@ -212,9 +213,10 @@ class InstructBlipDataCollator:
             "attention_mask": attention_mask,
             "labels": label_ids,
         }
-        names, image_ids = _optional_field(records, "dataset", str), _optional_field(records, "image_id", int)
+        names = _optional_field(records, "dataset", str, "a str")
+        image_ids = _optional_field(records, "image_id", numbers.Integral, "an int")
         if names is not None:
             batch["dataset"] = names
         if image_ids is not None:
-            batch["image_ids"] = torch.tensor(image_ids, dtype=torch.long)  # [B], for the vision feature cache
+            batch["image_ids"] = torch.tensor([int(i) for i in image_ids], dtype=torch.long)  # [B], vision cache
         return batch

@@ -27,6 +27,7 @@ from torch import nn
 # LLM architectures whose forward ends with `logits = lm_head(hidden)`: nothing (soft-capping, scaling) after it.
 HEAD_IS_LAST_LAYER = frozenset({"llama", "mistral", "qwen2", "opt", "t5", "mt5"})
 CHUNK_ELEMENTS = 2**21  # logits per chunk (8 MiB in float32); smaller chunks slow the head's matmuls on CPU
+MIN_CHUNK_ROWS = 64  # large vocabularies (mT5's 250k) still get matmuls of useful height
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -56,7 +57,8 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses):  # [M]
         (grad,) = ctx.saved_tensors
-        return grad * grad_losses.to(grad.dtype)[:, None], None, None, None, None
+        scaled = grad.float() * grad_losses[:, None]  # in float32: a bf16 1 / num_items would be off by up to 2^-9
+        return scaled.to(grad.dtype), None, None, None, None
 
 
 def frozen_head_cross_entropy(
@@ -72,16 +74,28 @@ def frozen_head_cross_entropy(
                          f"{tuple(labels.shape)}.")
     labels = labels.to(hidden.device)
     keep = labels != -100
-    chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    chunk_rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // weight.shape[0])
     losses = _FrozenHeadCrossEntropy.apply(hidden[keep], weight, bias, labels[keep], chunk_rows)  # [M]
     return torch.zeros(labels.shape, dtype=losses.dtype, device=losses.device).masked_scatter(keep, losses)
 
 
 def head_is_frozen_linear(head: nn.Module | None) -> bool:
-    """Whether `head` is a plain `nn.Linear` on ordinary tensors with no trainable parameter."""
-    return (
-        type(head) is nn.Linear
-        and all(not p.requires_grad and type(p.data) is torch.Tensor for p in head.parameters())
+    """Whether `head` is a plain `nn.Linear` whose weight (and bias) are frozen parameters on ordinary tensors."""
+    if type(head) is not nn.Linear or not isinstance(head.weight, nn.Parameter):
+        return False  # wrappers (PEFT, DTensor, flattened FSDP views) keep the full-logits path
+    return all(not p.requires_grad and type(p.data) is torch.Tensor for p in (head.weight, head.bias) if p is not None)
+
+
+def _usable_here(module: nn.Linear, hidden: torch.Tensor) -> bool:
+    """Whether the weights the head is about to use are real, frozen and beside `hidden` at this moment.
+
+    accelerate's offload / multi-device hooks wrap `forward`, so they run after this pre-hook: an offloaded
+    weight is still on `meta` and a weight on another device still apart from its input. Then the head runs as
+    usual and the caller takes the loss from its logits.
+    """
+    return all(
+        not p.requires_grad and not p.is_meta and p.device == hidden.device
+        for p in (module.weight, module.bias) if p is not None
     )
 
 
@@ -90,14 +104,18 @@ def head_loss_instead_of_logits(
     head: nn.Linear, labels: torch.Tensor, shift: bool, result: dict
 ) -> Iterator[None]:
     """While active, `head` puts the per-position losses of its input against `labels` in `result["token_losses"]`
-    (`[B, L]`, or `[B, L - 1]` with `shift`) and returns empty logits.
+    (`[B, L]`, or `[B, L - 1]` with `shift`) and returns empty logits; where its weights are not usable in
+    place (see `_usable_here`), it leaves `result` empty and computes the logits as usual.
 
-    The loss is taken inside the head's own call, where wrappers that gather sharded weights (ZeRO-3, FSDP)
-    have made them whole. `shift`: decoder-only, position t predicts label t + 1.
+    The loss is taken inside the head's own call, after wrappers that gather sharded weights in pre-hooks
+    registered before ours (ZeRO-3, FSDP) have made them whole. `shift`: decoder-only, position t predicts
+    label t + 1.
     """
 
-    def hook(module: nn.Linear, args: tuple) -> tuple:
+    def hook(module: nn.Linear, args: tuple) -> tuple | None:
         hidden = args[0]  # [B, L, D]
+        if not _usable_here(module, hidden):
+            return None
         aligned_hidden, aligned_labels = (hidden[:, :-1], labels[:, 1:]) if shift else (hidden, labels)
         result["token_losses"] = frozen_head_cross_entropy(aligned_hidden, module.weight, module.bias, aligned_labels)
         return (hidden[:, :0],)  # [B, 0, D]: the LLM's own logits come out empty

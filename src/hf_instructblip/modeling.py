@@ -180,15 +180,18 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         """The vision encoder's outputs, or with the cache on and `image_ids` given, its cached features."""
         if self.vision_feature_cache is None or image_ids is None:
             return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        if any(p.requires_grad for p in self.vision_model.parameters()):
-            raise ValueError("The vision feature cache needs a frozen vision encoder (its features must not change); "
-                             "freeze it (e.g. freeze_for_instruction_tuning) or call disable_vision_feature_cache().")
+        dropout = self.vision_model.training and self.config.vision_config.attention_dropout > 0
+        if dropout or any(p.requires_grad for p in self.vision_model.parameters()):
+            raise ValueError("The vision feature cache needs a frozen vision encoder without dropout (its features "
+                             "must not change): freeze it and keep it in eval mode (freeze_for_instruction_tuning "
+                             "does both), or call disable_vision_feature_cache().")
         check_pixel_values(pixel_values, self.config.vision_config.image_size, interpolate_pos_encoding)
 
         def encode(pixels: torch.Tensor) -> torch.Tensor:
             return self.vision_model(pixels, interpolate_pos_encoding=interpolate_pos_encoding).last_hidden_state
 
-        return BaseModelOutput(last_hidden_state=self.vision_feature_cache.features(image_ids, pixel_values, encode))
+        features = self.vision_feature_cache.features(image_ids, pixel_values, encode)  # [B, N, D]
+        return BaseModelOutput(last_hidden_state=features.to(self.vision_model.dtype))  # entries may predate a cast
 
     def _qformer_text(
         self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch: int
@@ -308,18 +311,10 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
             labels = labels[:, -labelled_tail(labels):]  # [B, N]: what the loss reads
             llm_inputs["logits_to_keep"] = labels.shape[1]
         llm_inputs.pop("return_dict", None)  # we always return our output class
-        shift = self.config.use_decoder_only_language_model
-        if labels is not None and self._fuses_head_loss(kwargs):
-            result = {}
-            with head_loss_instead_of_logits(self.language_model.get_output_embeddings(), labels, shift, result):
-                outputs = self.language_model(**llm_inputs, return_dict=True)
-            outputs.logits = None  # empty: the head computed the loss instead
-            token_losses = result["token_losses"]
-        else:
-            outputs = self.language_model(**llm_inputs, return_dict=True)
-            token_losses = None if labels is None else token_cross_entropy(outputs.logits, labels, shift)
+        outputs, token_losses = self._run_language_model(llm_inputs, labels, fuse=self._fuses_head_loss(kwargs))
         loss = None
         if token_losses is not None:
+            shift = self.config.use_decoder_only_language_model
             loss = per_item(token_losses.sum(), labels[:, 1:] if shift else labels, num_items_in_batch)
         return InstructBlipForConditionalGenerationModelOutput(
             loss=loss,
@@ -330,8 +325,25 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
             language_model_outputs=outputs,
         )
 
+    def _run_language_model(
+        self, llm_inputs: dict, labels: torch.Tensor | None, fuse: bool
+    ) -> tuple[ModelOutput, torch.Tensor | None]:
+        """The LLM's outputs and, with `labels`, the per-token losses; `fuse`: through the head (no logits)."""
+        if labels is None:
+            return self.language_model(**llm_inputs, return_dict=True), None
+        shift, result = self.config.use_decoder_only_language_model, {}
+        if fuse:
+            with head_loss_instead_of_logits(self.language_model.get_output_embeddings(), labels, shift, result):
+                outputs = self.language_model(**llm_inputs, return_dict=True)
+        else:
+            outputs = self.language_model(**llm_inputs, return_dict=True)
+        if "token_losses" not in result:  # not fused, or the head's weights were not usable in place
+            return outputs, token_cross_entropy(outputs.logits, labels, shift)
+        outputs.logits = None  # empty: the head computed the loss instead
+        return outputs, result["token_losses"]
+
     def _fuses_head_loss(self, llm_kwargs: dict) -> bool:
-        """Whether this training forward takes the loss through the frozen LM head without building logits."""
+        """Whether this forward may take the loss through the frozen LM head without building logits."""
         return (
             self.training
             and self.config.fused_head_loss

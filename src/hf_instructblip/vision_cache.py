@@ -6,8 +6,8 @@ At the official shapes the ViT-g forward is a large share of a Q-Former-only tra
 recomputation from the second epoch on.
 
 Records name their image with an integer `image_id` (the collator turns them into `image_ids`); the model looks
-each id up and runs the vision encoder only on the misses. The id must identify the *preprocessed* pixels: with
-random augmentation, do not enable the cache.
+each id up and runs the vision encoder only on the misses. An id must name one image across everything the model
+sees, and its *preprocessed* pixels must not change: with random augmentation, do not enable the cache.
 
 Example:
     >>> cache = model.enable_vision_feature_cache()  # features kept on the CPU by default
@@ -28,21 +28,25 @@ INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8
 class VisionFeatureCache:
     """Vision features `[N, D]` per `(image_id, height, width)`, stored on `storage_device` (default CPU).
 
+    Ids must be unique across everything the model sees while the cache is on (all datasets of a mixture:
+    renumber, or offset each dataset's ids). Each entry keeps a fingerprint of its pixels, and a hit whose pixels
+    differ raises instead of returning another image's features.
+
     Memory: `N * D` values per image in the model dtype, e.g. 257 x 1408 in bf16 = 0.7 MiB for EVA ViT-g at
-    224 px (10,000 images: 7 GiB). Counters `hits` / `misses` count images.
+    224 px (10,000 images: 7 GiB), per process. Counters `hits` / `misses` count images.
     """
 
     def __init__(self, storage_device: str | torch.device = "cpu"):
         self.storage_device = torch.device(storage_device)
-        self._features: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._entries: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # features, fingerprint
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._features)
+        return len(self._entries)
 
     def clear(self) -> None:
-        self._features.clear()
+        self._entries.clear()
         self.hits = self.misses = 0
 
     def features(
@@ -53,14 +57,27 @@ class VisionFeatureCache:
     ) -> torch.Tensor:
         """Features `[B, N, D]` for `pixel_values` `[B, 3, H, W]`; `encode` runs on the uncached rows only."""
         keys = [(image_id, *pixel_values.shape[-2:]) for image_id in check_image_ids(image_ids, pixel_values)]
-        missing = [row for row, key in enumerate(keys) if key not in self._features]
+        prints = fingerprint(pixel_values).cpu()  # [B, 3]
+        missing = [row for row, key in enumerate(keys) if key not in self._entries]
+        for row, key in enumerate(keys):
+            if row not in missing and not torch.allclose(self._entries[key][1], prints[row], rtol=1e-3, atol=1e-4):
+                raise ValueError(f"`image_ids[{row}]` = {key[0]} was cached for different pixels: ids must be unique "
+                                 "across everything the model sees while the cache is on (e.g. over all datasets "
+                                 "of a mixture), and preprocessing must not be random.")
         if missing:
             fresh = encode(pixel_values[missing]).detach()  # [M, N, D]
-            for row, features in zip(missing, fresh.to(self.storage_device)):
-                self._features[keys[row]] = features.clone()  # its own storage, not a view of the batch
+            with torch.inference_mode(False):  # entries stay ordinary tensors when filled from `generate`
+                for row, features in zip(missing, fresh.to(self.storage_device)):
+                    self._entries[keys[row]] = (features.clone(), prints[row].clone())  # not views of the batch
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
-        return torch.stack([self._features[key] for key in keys]).to(pixel_values.device, non_blocking=True)
+        return torch.stack([self._entries[key][0] for key in keys]).to(pixel_values.device, non_blocking=True)
+
+
+def fingerprint(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Three numbers per image `[B, 3]` (mean, standard deviation, mean of every 7th value), float32."""
+    flat = pixel_values.detach().flatten(1).float()  # [B, 3 * H * W]
+    return torch.stack([flat.mean(1), flat.std(1), flat[:, ::7].mean(1)], dim=1)
 
 
 def check_image_ids(image_ids: torch.Tensor, pixel_values: torch.Tensor) -> list[int]:
