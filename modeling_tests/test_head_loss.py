@@ -230,6 +230,24 @@ def test_bfloat16_model_gradients_match_full_logits():
     assert_same(fused_and_unfused(model, inputs), atol=2e-2, rtol=5e-2)
 
 
+def test_head_with_an_unusable_weight_at_call_time_falls_back(monkeypatch):
+    """An empty (not yet gathered) or trainable weight seen inside the call: the head computes logits as usual."""
+    _, model = frozen_pair("t5")
+    inputs = batch_inputs(seed=31)
+    inputs.update(labels_for("t5", inputs))
+    expected = model(**inputs).loss
+    monkeypatch.setattr(head_loss, "_usable_here", lambda module, hidden: False)
+    output = model(**inputs)
+    assert output.logits is not None
+    torch.testing.assert_close(output.loss, expected, atol=1e-6, rtol=0)
+    monkeypatch.undo()
+    head = model.language_model.get_output_embeddings()
+    assert not head_loss._usable_here(head, torch.zeros(1, 31))  # width mismatch, as an empty shard has
+    assert head_loss._usable_here(head, torch.zeros(1, 32))
+    head.weight.requires_grad_(True)
+    assert not head_loss._usable_here(head, torch.zeros(1, 32))
+
+
 def test_offloaded_head_falls_back_to_logits():
     """accelerate's offload hook loads the weight after our pre-hook: the head must then run as usual."""
     from accelerate import cpu_offload

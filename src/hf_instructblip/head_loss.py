@@ -90,10 +90,11 @@ def _usable_here(module: nn.Linear, hidden: torch.Tensor) -> bool:
     """Whether the weights the head is about to use are real, frozen and beside `hidden` at this moment.
 
     accelerate's offload / multi-device hooks wrap `forward`, so they run after this pre-hook: an offloaded
-    weight is still on `meta` and a weight on another device still apart from its input. Then the head runs as
-    usual and the caller takes the loss from its logits.
+    weight is still on `meta` and a weight on another device still apart from its input; a ZeRO-3 shard whose
+    gather has not run yet is empty. Then the head runs as usual and the caller takes the loss from its logits.
     """
-    return all(
+    whole = module.weight.dim() == 2 and module.weight.shape[1] == hidden.shape[-1] > 0  # not a gathered-later shard
+    return whole and all(
         not p.requires_grad and not p.is_meta and p.device == hidden.device
         for p in (module.weight, module.bias) if p is not None
     )
