@@ -79,11 +79,12 @@ def frozen_head_cross_entropy(
     return torch.zeros(labels.shape, dtype=losses.dtype, device=losses.device).masked_scatter(keep, losses)
 
 
-def head_is_frozen_linear(head: nn.Module | None) -> bool:
-    """Whether `head` is a plain `nn.Linear` whose weight (and bias) are frozen parameters on ordinary tensors."""
+def head_is_plain_linear(head: nn.Module | None) -> bool:
+    """Whether `head` is a plain `nn.Linear` holding its own parameters as ordinary tensors (not a PEFT wrapper,
+    DTensor or flattened FSDP view); whether they are frozen and in place is checked at call time."""
     if type(head) is not nn.Linear or not isinstance(head.weight, nn.Parameter):
-        return False  # wrappers (PEFT, DTensor, flattened FSDP views) keep the full-logits path
-    return all(not p.requires_grad and type(p.data) is torch.Tensor for p in (head.weight, head.bias) if p is not None)
+        return False
+    return all(type(p.data) is torch.Tensor for p in (head.weight, head.bias) if p is not None)
 
 
 def _usable_here(module: nn.Linear, hidden: torch.Tensor) -> bool:

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
 from .configuration import InstructBlipConfig
-from .head_loss import HEAD_IS_LAST_LAYER, head_is_frozen_linear, head_loss_instead_of_logits
+from .head_loss import HEAD_IS_LAST_LAYER, head_is_plain_linear, head_loss_instead_of_logits
 from .pretrained import InstructBlipPreTrainedModel
 from .qformer import InstructBlipQFormerModel
 from .vision_cache import VisionFeatureCache
@@ -343,13 +343,14 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         return outputs, result["token_losses"]
 
     def _fuses_head_loss(self, llm_kwargs: dict) -> bool:
-        """Whether this forward may take the loss through the frozen LM head without building logits."""
+        """Whether this forward may take the loss through the LM head without building logits (the head still
+        falls back to logits at call time if its weights are trainable or not in place: `head_loss._usable_here`)."""
         return (
             self.training
             and self.config.fused_head_loss
             and "logits_to_keep" not in llm_kwargs  # the caller asked for logits
             and self.config.text_config.model_type in HEAD_IS_LAST_LAYER
-            and head_is_frozen_linear(self.language_model.get_output_embeddings())
+            and head_is_plain_linear(self.language_model.get_output_embeddings())
         )
 
     def rank_candidates(self, *args, **kwargs):
