@@ -224,3 +224,20 @@ def test_collator_prompt_equals_what_the_processor_writes(kind, budget):
         assert len(prompt) == tiny.NUM_QUERY_TOKENS + budget
         kept = tokenizer.decode(prompt[tiny.NUM_QUERY_TOKENS:], skip_special_tokens=True).strip()
         assert instruction.endswith(kept) and len(kept) < len(instruction)  # the end survived, the start went
+
+
+@pytest.mark.parametrize("form", ["pil", "uint8-hwc", "float-hwc", "float-chw-tensor"])
+def test_pixels_equal_what_the_processor_makes_for_every_image_form(form):
+    """Float arrays in [0, 1] were rescaled twice by the collator (not by the processor): train != inference."""
+    from hf_instructblip import InstructBlipProcessor as OurProcessor
+
+    processor = OurProcessor(tiny.image_processor(), tiny.llm_tokenizer("t5"), tiny.qformer_tokenizer(),
+                             num_query_tokens=tiny.NUM_QUERY_TOKENS)
+    pil = tiny.images(1)[0]
+    array = np.asarray(pil)  # [H, W, 3] uint8
+    image = {"pil": pil, "uint8-hwc": array, "float-hwc": array / 255.0,
+             "float-chw-tensor": torch.from_numpy(array / 255.0).permute(2, 0, 1).float()}[form]
+    collator = InstructBlipDataCollator(processor, decoder_only=False)
+    trained = collator([{"image": image, "instruction": "what is it ?", "answer": "a circle"}])["pixel_values"]
+    expected = processor(images=[pil], text=["what is it ?"], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(trained, expected, atol=1e-5, rtol=0)

@@ -240,6 +240,17 @@ def test_cut_off_last_line_is_recomputed(llama, image_dir, tmp_path):
     assert [r["id"] for r in read_rows(predictions)] == [1, 2, 3, 4, 5]
 
 
+def test_complete_row_without_its_newline_is_dropped_not_merged(tmp_path):
+    """Killed between a row's `}` and its newline: the row is recomputed, the next append starts a fresh line."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": 1, "task": "gqa"}\n{"id": 2, "task": "gqa"}')
+    assert list(read_predictions(path, "gqa")) == ["1"]
+    assert path.read_text() == '{"id": 1, "task": "gqa"}\n'
+    with path.open("a") as handle:  # what the runner appends next
+        handle.write('{"id": 2, "task": "gqa"}\n{"id": 3, "task": "gqa"}\n')
+    assert list(read_predictions(path, "gqa")) == ["1", "2", "3"]
+
+
 def test_bad_predictions_file_is_reported(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"id": 1, "task": "gqa"}, "{oops", {"id": 3, "task": "gqa"}])
     with pytest.raises(ValueError, match="line 2: malformed JSON"):
@@ -303,9 +314,33 @@ FULL_RECORD = {"question": "What is it?", "ocr_tokens": ["stop", "ahead"], "opti
                "context": "A sign.", "caption": "The cat is left of the dog.", "text": "love everyone"}
 
 
+# The paper's zero-shot prompts (shared/reference/instruction_data.json, "eval_prompts") filled from FULL_RECORD by
+# hand: written out here so a wrong prompt table cannot pass by changing both functions below alike.
+PAPER_PROMPTS = {
+    "flickr30k": "A short image description:",
+    "gqa": "Question: What is it? Short answer:",
+    "hateful_memes": 'This is an image with: "stop, ahead" written on it. Is it hateful? Answer:',
+    "iconqa": "Question: What is it? Options: a, b. Short answer:",
+    "ivqa": "Question: What is it? Short answer:",
+    "msrvtt_qa": "Question: What is it? Short answer:",
+    "msvd_qa": "Question: What is it? Short answer:",
+    "nocaps": "A short image description:",
+    "scienceqa": "Context: A sign. Question: What is it? Options: a, b. Answer:",
+    "textvqa": "OCR tokens: stop, ahead. Question: What is it? Short answer:",
+    "visdial": "Dialog history: A sign.\n Question: What is it? Short answer:",
+    "vizwiz": "Question: What is it? Short answer:",
+    "vsr": 'Based on the image, is this statement true or false? "The cat is left of the dog." Answer:',
+}
+
+
+def test_every_task_has_a_written_out_prompt():
+    assert set(PAPER_PROMPTS) == set(TASKS)
+
+
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_prompt_is_the_papers(task):
     assert build_prompt(task, FULL_RECORD) == eval_prompt(task, FULL_RECORD)
+    assert build_prompt(task, FULL_RECORD) == PAPER_PROMPTS[task]
 
 
 def test_prompt_field_aliases_and_optional_context():

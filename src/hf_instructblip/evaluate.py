@@ -284,25 +284,25 @@ def prepare_examples(task: str, records: Sequence[Mapping[str, Any]]) -> list[Ex
 # --- predictions file -----------------------------------------------------------------------------------
 
 def read_predictions(path: str | os.PathLike, task: str) -> dict[str, dict[str, Any]]:
-    """Predictions already written, by id. A cut-off last line (the run was killed while writing) is removed
-    from the file; a malformed line elsewhere, or one of another task, raises ValueError with its line number."""
+    """Predictions already written, by id. A last line without its newline (the run was killed while writing) is
+    removed from the file; a malformed line elsewhere, or one of another task, raises ValueError with its line
+    number."""
     path = Path(path)
     if not path.exists():
         return {}
-    lines = path.read_bytes().split(b"\n")
-    done, offset = {}, 0
-    for number, raw in enumerate(lines, start=1):
-        is_last = number == len(lines) or (number == len(lines) - 1 and lines[-1] == b"")
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1  # a row counts once its newline is written
+    if complete < len(data):  # killed mid-row (or between a row and its newline): drop the tail, recompute it
+        with path.open("r+b") as handle:
+            handle.truncate(complete)
+        line = data.count(b"\n") + 1
+        print(f"{path}: dropped a cut-off last line {line}; it is recomputed.", file=sys.stderr)
+    done = {}
+    for number, raw in enumerate(data[:complete].split(b"\n")[:-1], start=1):
         try:
             row = json.loads(raw) if raw.strip() else None
         except (json.JSONDecodeError, UnicodeDecodeError):
-            if is_last:
-                with path.open("r+b") as handle:
-                    handle.truncate(offset)
-                print(f"{path}: dropped a cut-off last line {number}; it is recomputed.", file=sys.stderr)
-                break
             raise ValueError(f"{path}, line {number}: malformed JSON in the predictions file.") from None
-        offset += len(raw) + 1
         if row is None:
             continue
         if not isinstance(row, dict) or "id" not in row:

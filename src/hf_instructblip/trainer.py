@@ -76,12 +76,14 @@ class InstructBlipTrainer(Trainer):
         self.save_trainable_only = save_trainable_only
         self._dataset_samples: dict[str, int] = defaultdict(int)  # cumulative, per dataset name
         self._dataset_loss: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # since last log: sum, tokens
+        self._pending_loss: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []  # on device until a log step
         super().__init__(*args, **kwargs)
         self.args = copy.copy(self.args)  # leave the caller's TrainingArguments as they were
         self.args.remove_unused_columns = False  # the collator needs the raw record fields
         self._add_sampler_epoch_callback()
         config = instructblip_base(self.model).config
         self._check_collator(config)
+        self._shift = config.use_decoder_only_language_model  # decoder-only labels are read shifted by one
 
     def _add_sampler_epoch_callback(self) -> None:
         """Drive `train_sampler.set_epoch` from `Trainer`'s state, unless the caller already did.
@@ -140,16 +142,23 @@ class InstructBlipTrainer(Trainer):
         return super().prediction_step(model, {k: v for k, v in inputs.items() if k != "dataset"}, *args, **kwargs)
 
     def _record(self, names: list[str], token_losses: torch.Tensor, labels: torch.Tensor) -> None:
-        """Per-dataset sample counts and loss sums from the model's per-token losses `[B, N]`."""
-        shift = instructblip_base(self.model).config.use_decoder_only_language_model
-        counts = ((labels[:, 1:] if shift else labels) != IGNORE_INDEX).sum(dim=1)  # [B] labelled tokens
-        for name, total, count in zip(names, token_losses.sum(dim=1).tolist(), counts.tolist()):
+        """Per-dataset sample counts now; per-row loss sums and token counts `[B]` stay on the device until the
+        next log (reading them every step would sync the host, which `Trainer` itself avoids)."""
+        counts = ((labels[:, 1:] if self._shift else labels) != IGNORE_INDEX).sum(dim=1)  # [B] labelled tokens
+        self._pending_loss.append((names, token_losses.sum(dim=1), counts))
+        for name in names:
             self._dataset_samples[name] += 1
-            self._dataset_loss[name][0] += total
-            self._dataset_loss[name][1] += count
+
+    def _collect_pending_loss(self) -> None:
+        for names, sums, counts in self._pending_loss:
+            for name, total, count in zip(names, sums.tolist(), counts.tolist()):
+                self._dataset_loss[name][0] += total
+                self._dataset_loss[name][1] += count
+        self._pending_loss.clear()
 
     def _dataset_logs(self) -> dict[str, float]:
         """`dataset/<name>/samples` (cumulative, all processes) and `dataset/<name>/loss` (since the last log)."""
+        self._collect_pending_loss()
         stats = {name: (self._dataset_samples[name], *self._dataset_loss[name]) for name in self._dataset_samples}
         self._dataset_loss.clear()
         per_process = [stats]
