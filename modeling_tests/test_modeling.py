@@ -231,7 +231,10 @@ def test_half_precision_loading(tmp_path, dtype):
     assert {p.dtype for p in model.parameters()} == {dtype}
     with torch.no_grad():
         logits = model(**batch_inputs(seed=10)).logits
+        full = InstructBlipForConditionalGeneration.from_pretrained(tmp_path).eval()(**batch_inputs(seed=10)).logits
     assert logits.dtype == dtype and torch.isfinite(logits).all()
+    # half-precision rounding moves these logits (|x| < ~4) by < 0.1 (bf16) / 0.02 (fp16); a wrong forward by ~1
+    torch.testing.assert_close(logits.float(), full, atol={torch.bfloat16: 0.25, torch.float16: 0.05}[dtype], rtol=0)
 
 
 def test_default_prompt_and_generation_config_are_honoured():
@@ -246,9 +249,14 @@ def test_default_prompt_and_generation_config_are_honoured():
 
 
 def test_get_image_features_shape():
-    model = make_ours("t5")
-    features = model.get_image_features(tiny.pixel_values(2), torch.randint(1, 64, (2, 5))).pooler_output
+    reference, model = make_reference("t5"), make_ours("t5")
+    model.load_state_dict(reference.state_dict())
+    pixels, qformer_ids = tiny.pixel_values(2), torch.randint(1, 64, (2, 5))
+    with torch.no_grad():
+        features = model.get_image_features(pixels, qformer_ids).pooler_output
+        expected = reference.get_image_features(pixels, qformer_ids, torch.ones_like(qformer_ids)).pooler_output
     assert features.shape == (2, Q, model.config.text_config.hidden_size)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
 
 
 # --- validation: every error names the argument, what was expected and what was found ---------------------
@@ -361,10 +369,17 @@ def test_t5_padding_between_image_and_prompt_is_harmless():
 
 
 def test_t5_generate_without_a_prompt_captions():
-    model = make_ours("t5", seed=15)
-    out = model.generate(pixel_values=tiny.pixel_values(2), qformer_input_ids=torch.randint(1, 64, (2, 4)),
-                         max_new_tokens=3, min_new_tokens=3)
+    """No prompt: ours builds the image placeholders itself; transformers needs them passed (it fails on T5)."""
+    reference, model = make_reference("t5", seed=15), make_ours("t5")
+    model.load_state_dict(reference.state_dict())
+    pixels, qformer_ids = tiny.pixel_values(2), torch.randint(1, 64, (2, 4))
+    settings = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    out = model.generate(pixel_values=pixels, qformer_input_ids=qformer_ids, **settings)
     assert out.shape == (2, 4)  # decoder start + 3 new tokens
+    placeholders = torch.full((2, Q), IMAGE_TOKEN)
+    expected = reference.generate(pixel_values=pixels, qformer_input_ids=qformer_ids, input_ids=placeholders,
+                                  attention_mask=torch.ones_like(placeholders), **settings)
+    assert torch.equal(out, expected)
 
 
 def test_error_inputs_embeds_without_input_ids(model):
