@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 import common
-from hf_instructblip import freeze_for_instruction_tuning
+from hf_instructblip import VisionFeatureCache, freeze_for_instruction_tuning
 
 MIB = 1 / 2**20
 
@@ -44,10 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare_for_training(model: torch.nn.Module, side: str, vision_cache: bool = False) -> int:
+def prepare_for_training(model: torch.nn.Module, side: str) -> int:
     """Freeze vision + LLM (eval mode: no dropout in them), train the rest; returns the trainable count."""
-    if side == "ours" and vision_cache:
-        model.enable_vision_feature_cache(storage_device=next(model.parameters()).device)
     model.vision_model.requires_grad_(False)
     model.language_model.requires_grad_(False)
     model.train()
@@ -59,21 +57,30 @@ def prepare_for_training(model: torch.nn.Module, side: str, vision_cache: bool =
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def side_batch(batch: dict, side: str, vision_cache: bool) -> dict:
-    """`batch`, plus `image_ids` for ours when it caches vision features."""
-    if side != "ours" or not vision_cache:
-        return batch
-    return {**batch, "image_ids": torch.arange(batch["pixel_values"].shape[0], device=batch["pixel_values"].device)}
+def side_batch(batch: dict, side: str) -> dict:
+    """`batch` as each side's training forward gets it: ours as `InstructBlipTrainer` calls it (fused head loss)."""
+    return {**batch, "fused_head_loss": True} if side == "ours" else batch
 
 
-def make_step(model: torch.nn.Module, batch: dict, lr: float, adamw: str = "fused") -> Callable[[], float]:
-    """One optimisation step on `batch` (fresh AdamW over the trainable parameters); returns the loss."""
+def vision_cache_for(args: argparse.Namespace, side: str) -> VisionFeatureCache | None:
+    """A cache stored on the bench device for ours with `--vision-cache` (transformers has none)."""
+    return VisionFeatureCache(args.device) if side == "ours" and args.vision_cache else None
+
+
+def make_step(model: torch.nn.Module, batch: dict, lr: float, adamw: str = "fused",
+              vision_cache: VisionFeatureCache | None = None) -> Callable[[], float]:
+    """One optimisation step on `batch` (fresh AdamW over the trainable parameters); returns the loss. With
+    `vision_cache`, every step looks the batch's images up in it first, as `InstructBlipTrainer` does."""
     variant = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}[adamw]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, **variant)
+    if vision_cache is not None:
+        rows = batch["pixel_values"].shape[0]
+        batch = {**batch, "image_ids": torch.arange(rows, device=batch["pixel_values"].device)}
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
+        inputs = batch if vision_cache is None else vision_cache.model_inputs(model, batch)
+        loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         return loss.detach()
@@ -92,7 +99,7 @@ def loss_check(context: dict, pair: dict, batch: dict, dtype: torch.dtype, train
     for model in pair.values():
         model.qformer.eval() if training else model.eval()
     with torch.no_grad():
-        outputs = {side: pair[side](**batch) for side in common.SIDES}
+        outputs = {side: pair[side](**(side_batch(batch, side) if training else batch)) for side in common.SIDES}
     for model in pair.values():
         model.qformer.train(training)
     losses = {side: float(outputs[side].loss) for side in common.SIDES}
@@ -112,10 +119,9 @@ def memory_child(args: argparse.Namespace) -> None:
     """Subprocess body: build one side alone, then report the peak memory of its first training steps."""
     preset, dtype, backbones = common.setup(args)
     model = common.build_one(args.memory_child, preset, backbones[0], args.device, dtype)
-    prepare_for_training(model, args.memory_child, args.vision_cache)
-    batch = side_batch(common.train_batch(preset, backbones[0], args.device, dtype, args.seed), args.memory_child,
-                       args.vision_cache)
-    step = make_step(model, batch, args.lr, args.adamw)
+    prepare_for_training(model, args.memory_child)
+    batch = side_batch(common.train_batch(preset, backbones[0], args.device, dtype, args.seed), args.memory_child)
+    step = make_step(model, batch, args.lr, args.adamw, vision_cache_for(args, args.memory_child))
     common.warm_autograd_runtime(args.device)
     with common.PeakMemory(args.device) as peak:
         for _ in range(args.memory_steps):
@@ -175,12 +181,12 @@ def bench_backbone(args: argparse.Namespace, preset: common.Preset, dtype: torch
     pair = common.build_pair(preset, backbone, args.device, dtype, args.seed)
     batch = common.train_batch(preset, backbone, args.device, dtype, args.seed)
     common.emit(loss_check(context, pair, batch, dtype))
-    trainable = {side: prepare_for_training(pair[side], side, args.vision_cache) for side in common.SIDES}
+    trainable = {side: prepare_for_training(pair[side], side) for side in common.SIDES}
     if trainable["ours"] != trainable["theirs"]:
         raise RuntimeError(f"Trainable parameter counts differ: {trainable}.")
     common.emit({**context, "trainable_params": trainable["ours"]})
     common.emit(loss_check(context, pair, batch, dtype, training=True))
-    steps = {side: make_step(pair[side], side_batch(batch, side, args.vision_cache), args.lr, args.adamw)
+    steps = {side: make_step(pair[side], side_batch(batch, side), args.lr, args.adamw, vision_cache_for(args, side))
              for side in common.SIDES}
     times, _ = common.time_alternating(steps, args.reps or preset.train_reps,
                                        preset.train_warmup if args.warmup is None else args.warmup, args.device)

@@ -31,16 +31,28 @@ def load_torch_file(path: str | Path, what: str) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
+        if "GLOBAL" not in str(err):  # not a refused code reference: a broken pickle stream
+            raise _unreadable(path, what, _detail(err, "Unsupported")) from None
         raise ValueError(
             f"{what}: refusing to load {path}: it is not a plain tensor checkpoint (its pickle references code or "
             f"objects that `torch.load(weights_only=True)` does not allow; loading it could run that code). "
-            f"Details: {str(err).strip().splitlines()[-1]}"
+            f"Details: {_detail(err, 'GLOBAL')}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(
-            f"{what}: {path} is not a complete PyTorch checkpoint (truncated or corrupt; re-download it). "
-            f"Details: {str(err).splitlines()[0]}"
-        ) from None
+    except Exception as err:  # empty, truncated or not a checkpoint at all: EOFError, KeyError, RuntimeError, ...
+        raise _unreadable(path, what, _detail(err)) from None
+
+
+def _unreadable(path: Path, what: str, detail: str) -> ValueError:
+    return ValueError(
+        f"{what}: {path} is not a readable PyTorch checkpoint (empty, truncated or corrupt; re-download it or pass "
+        f"the right file). Details: {detail}"
+    )
+
+
+def _detail(err: Exception, marker: str = "") -> str:
+    """The first line of `err` containing `marker`, or its type name (some torch errors have no message)."""
+    lines = [line.strip() for line in str(err).splitlines() if marker in line and line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def unwrap_state_dict(obj: object, what: str) -> dict[str, torch.Tensor]:

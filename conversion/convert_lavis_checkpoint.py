@@ -7,14 +7,14 @@ Inputs, either:
         python conversion/convert_lavis_checkpoint.py --checkpoint instruct_blip_vicuna7b_trimmed.pth \
             --vit eva_vit_g.pth --llm ./llm/vicuna-7b --flavour vicuna7b --output out/
 `--config config.json` replaces `--flavour` (any InstructBlipConfig). The output folder holds sharded
-safetensors, `config.json`, `generation_config.json` (LAVIS defaults) and, when tokenizers are given and
-`hf_instructblip.processing` exists, the processor. `--dry-run` prints the key accounting and writes nothing.
+safetensors, `config.json`, `generation_config.json` (LAVIS defaults) and, when tokenizers are given, the
+processor. A folder that already holds weights is refused unless `--overwrite` is given (which deletes only those
+weight files). `--dry-run` prints the key accounting and writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -35,7 +35,11 @@ from lavis_mapping import (
     detect_layout,
 )
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch attribute names
+# What `save_pretrained` writes, or an older save left: `from_pretrained` takes model.safetensors before an index,
+# so new shards beside an old single file would load the old weights.
+WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                "pytorch_model.bin.index.json")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--flavour", choices=FLAVOURS, help="released model flavour")
     model.add_argument("--config", help="explicit InstructBlipConfig (config.json file or folder)")
     parser.add_argument("--output", help="output folder (required unless --dry-run)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace model weights already in --output (deletes only those weight files)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="saved dtype (query_tokens stay float32); Flan-T5 needs bfloat16 or float32, not float16")
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (save_pretrained)")
     parser.add_argument("--dry-run", action="store_true", help="print the key accounting, write nothing")
@@ -65,6 +71,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.reference and not args.verify:
         parser.error("--reference is used by --verify: add --verify")
     return args
+
+
+# --- path checks (before any weights are read) ----------------------------------------------------------
+def check_config_path(config: str) -> None:
+    path = Path(config)
+    if not (path.is_file() or (path / "config.json").is_file()):
+        found = "a folder without config.json" if path.is_dir() else "nothing"
+        raise ValueError(f"--config: expected a config.json file or a folder holding one, found {found} at {path}; "
+                         f"pass an existing config path or use --flavour.")
+
+
+def old_weights(output: Path, overwrite: bool) -> list[Path]:
+    """The weight files already in `output` (refused unless `overwrite`); `output` must not be a file."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output: expected a folder, found a file at {output}; pass a folder path (created "
+                         f"if missing).")
+    found = sorted({path for pattern in WEIGHT_FILES for path in output.glob(pattern) if path.is_file()})
+    if found and not overwrite:
+        raise ValueError(f"--output: expected a folder without model weights, found {[p.name for p in found]} in "
+                         f"{output}; new weights beside them would not load cleanly. Pass --overwrite to replace "
+                         f"them, or choose another folder.")
+    return found
 
 
 # --- config and target ---------------------------------------------------------------------------------
@@ -146,9 +174,7 @@ def build_processor(config: InstructBlipConfig, flavour: str | None, qformer_tok
     """
     if not (qformer_tok and llm_tok):
         return None, "processor: skipped (pass --qformer-tokenizer and --llm-tokenizer to write it)"
-    if importlib.util.find_spec("hf_instructblip.processing") is None:
-        return None, "processor: skipped (hf_instructblip.processing is not available in this install)"
-    from hf_instructblip.processing import InstructBlipProcessor
+    from hf_instructblip.model.processing import InstructBlipProcessor
     from transformers import BlipImageProcessor
     from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -211,6 +237,9 @@ def check_reference_logits(model: InstructBlipForConditionalGeneration, referenc
 
 # --- the whole conversion ----------------------------------------------------------------------------------
 def convert(args: argparse.Namespace) -> MappingResult:
+    if args.config is not None:
+        check_config_path(args.config)
+    stale = [] if args.dry_run else old_weights(Path(args.output), args.overwrite)
     llm_weights, llm_config = load_llm(args.llm) if args.llm else (None, None)
     config = build_config(args.flavour, args.config, llm_config)
     source = load_lavis_state_dict(args.checkpoint, args.vit, llm_weights, config)
@@ -221,7 +250,9 @@ def convert(args: argparse.Namespace) -> MappingResult:
         return result
     output = Path(args.output)
     processor, processor_note = build_processor(config, args.flavour, args.qformer_tokenizer, args.llm_tokenizer)
-    converted = cast_state_dict(result.state_dict, DTYPES[args.dtype])
+    converted = cast_state_dict(result.state_dict, getattr(torch, args.dtype))
+    for path in stale:  # only now: a conversion that fails leaves the old model intact
+        path.unlink()
     save_folder(build_model(config, converted, spec), output, args.max_shard_size)
     print(f"model: {len(converted)} tensors written to {output}")
     if processor is not None:

@@ -12,6 +12,8 @@ from typing import Any
 
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
+from hf_instructblip.templates import generation_preset
+
 FLAVOURS = ("flant5xl", "flant5xxl", "vicuna7b", "vicuna13b")
 NUM_QUERY_TOKENS = 32
 QFORMER_VOCAB_SIZE = 30523  # bert-base-uncased (30522) + "[DEC]"
@@ -91,19 +93,16 @@ def model_config_kwargs(flavour: str, text_config: PretrainedConfig) -> dict[str
 
 
 def lavis_generation_config(text_config: PretrainedConfig, image_token_index: int | None) -> GenerationConfig:
-    """LAVIS `generate` defaults: beam search 5, up to 256 new tokens, repetition penalty 1.5.
+    """LAVIS `generate` defaults (`generation_preset("lavis")`): beam search 5, up to 256 new tokens, repetition
+    penalty 1.5.
 
     LAVIS's `top_p=0.9` only acts with nucleus sampling, and transformers refuses to save it next to
-    `do_sample=False`: pass `do_sample=True, top_p=0.9` to reproduce LAVIS's `use_nucleus_sampling=True`.
+    `do_sample=False`: pass `generation_preset("lavis", sample=True)` to `generate` to reproduce LAVIS's
+    `use_nucleus_sampling=True`.
     The image placeholder is suppressed: it is never a valid output token (LAVIS has no such token).
     """
     return GenerationConfig(
-        num_beams=5,
-        max_new_tokens=256,
-        min_new_tokens=1,
-        repetition_penalty=1.5,
-        length_penalty=1.0,
-        do_sample=False,
+        **generation_preset("lavis"),
         bos_token_id=getattr(text_config, "bos_token_id", None),
         eos_token_id=getattr(text_config, "eos_token_id", None),
         pad_token_id=getattr(text_config, "pad_token_id", None),

@@ -32,7 +32,7 @@ from hf_instructblip import (  # noqa: E402
     freeze_for_instruction_tuning,
     load_trainable_weights,
 )
-from hf_instructblip.mixture import load_image, read_json_lines  # noqa: E402
+from hf_instructblip.training.mixture import load_image, read_json_lines  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -28,12 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/shapes.py, 
 import shapes  # noqa: E402
 
 import hf_instructblip  # noqa: E402,F401  (registers the Auto classes)
-
-PRESETS = {
-    "lavis": dict(num_beams=5, max_new_tokens=256, min_new_tokens=1, repetition_penalty=1.5, length_penalty=1.0),
-    "short": dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0),
-}
-TOP_P = 0.9  # LAVIS nucleus sampling
+from hf_instructblip.templates import GENERATION_PRESETS, generation_preset  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,8 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--instruction", action="append",
                         help="instruction; give one for every image, or one for all (repeatable)")
     parser.add_argument("--model", help="checkpoint folder or Hub id (default: the embedded small model)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="lavis")
-    parser.add_argument("--sample", action="store_true", help=f"nucleus sampling, top_p {TOP_P}")
+    parser.add_argument("--preset", choices=GENERATION_PRESETS, default="lavis")
+    parser.add_argument("--sample", action="store_true", help="nucleus sampling, as LAVIS's use_nucleus_sampling")
     parser.add_argument("--max-new-tokens", type=int, help="override the preset's maximum")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -52,12 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def generation_settings(preset: str, sample: bool, max_new_tokens: int | None = None) -> dict:
-    """`generate` keywords of a preset; greedy beam search unless `sample`."""
-    if preset not in PRESETS:
-        raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, found {preset!r}.")
-    settings = {**PRESETS[preset], "do_sample": sample}
-    if sample:
-        settings["top_p"] = TOP_P
+    """`generate` keywords of a preset (`templates.generation_preset`), with `--max-new-tokens` applied."""
+    settings = generation_preset(preset, sample=sample)
     if max_new_tokens is not None:
         if max_new_tokens < 1:
             raise ValueError(f"`--max-new-tokens` must be >= 1, found {max_new_tokens}.")

@@ -14,20 +14,17 @@ import torch
 import tiny
 from transformers import InstructBlipProcessor
 
-from hf_instructblip.collator import InstructBlipDataCollator
+from hf_instructblip import InstructBlipProcessor as OurProcessor
+from hf_instructblip.training.collator import InstructBlipDataCollator
 
 I = 300  # "<image>" id once added to the tiny LLM tokenizer (vocab 300)
 X = -100
 
 
-def make_processor(kind: str) -> types.SimpleNamespace:
-    tokenizer = tiny.llm_tokenizer(kind)
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    return types.SimpleNamespace(
-        tokenizer=tokenizer, qformer_tokenizer=tiny.qformer_tokenizer(), image_processor=tiny.image_processor(),
-        num_query_tokens=tiny.NUM_QUERY_TOKENS, image_token="<image>",
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-    )
+def make_processor(kind: str) -> OurProcessor:
+    # the processor adds "<image>" to the tokenizer
+    return OurProcessor(tiny.image_processor(), tiny.llm_tokenizer(kind), tiny.qformer_tokenizer(),
+                        num_query_tokens=tiny.NUM_QUERY_TOKENS)
 
 
 def records() -> list[dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from hf_instructblip import InstructBlipConfig, InstructBlipForConditionalGenera
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conversion"))
 import convert_lavis_checkpoint as cli  # noqa: E402
+from checkpoint_io import load_state_dict_file  # noqa: E402
 from flavours import FLAVOURS, model_config_kwargs, text_config_for  # noqa: E402
 from lavis_mapping import ConversionError, TargetSpec, convert_state_dict  # noqa: E402
 
@@ -351,6 +353,60 @@ def test_truncated_file_is_refused(case, capsys):
     assert "--checkpoint" in err and "truncated or corrupt" in err
 
 
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint\n", b"\x80\x02" + bytes(range(3, 64))],
+                         ids=["empty", "text", "broken-pickle"])
+def test_unreadable_pth_is_named(tmp_path, content):
+    """Once an IndexError (empty), a KeyError (text) or a misleading 'references code' (broken pickle)."""
+    path = tmp_path / "broken.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^--vit: {re.escape(str(path))} is not a readable PyTorch checkpoint"):
+        load_state_dict_file(path, "--vit")
+
+
+def test_a_folder_holding_weights_is_refused_unless_overwrite(case, tmp_path, capsys):
+    """New shards beside an old model.safetensors would load the old file; --overwrite deletes only weights."""
+    out = tmp_path / "out"
+    out.mkdir()
+    save_file({"old": torch.zeros(1)}, out / "model.safetensors")
+    (out / "notes.txt").write_text("mine")
+    argv = ["--checkpoint", case["checkpoint"], "--config", case["tmp"] / "config", "--output", out,
+            "--max-shard-size", "20KB"]
+    assert run_cli(*argv) == 1
+    assert re.search(r"--output: expected a folder without model weights, found \['model.safetensors'\].*--overwrite",
+                     capsys.readouterr().err)
+    assert set(load_file(out / "model.safetensors")) == {"old"}
+    assert run_cli(*argv, "--overwrite") == 0
+    assert not (out / "model.safetensors").exists() and (out / "notes.txt").read_text() == "mine"
+    expected = InstructBlipForConditionalGeneration.from_pretrained(case["out"]).state_dict()
+    found = InstructBlipForConditionalGeneration.from_pretrained(out).state_dict()
+    assert [k for k in expected if not torch.equal(found[k], expected[k])] == []
+
+
+@pytest.mark.parametrize("problem", ["output-is-a-file", "output-holds-weights", "missing-config"])
+def test_paths_are_checked_before_any_weights_are_read(tmp_path, capsys, problem):
+    """The checkpoint does not exist: had it been read first, the error would name --checkpoint."""
+    out, config = tmp_path / "out", ["--flavour", "flant5xl"]
+    if problem == "output-is-a-file":
+        out.write_text("mine")
+        expected = f"--output: expected a folder, found a file at {out}"
+    elif problem == "output-holds-weights":
+        out.mkdir()
+        (out / "pytorch_model.bin").write_bytes(b"old")
+        expected = "--output: expected a folder without model weights, found ['pytorch_model.bin']"
+    else:
+        config = ["--config", str(tmp_path / "missing")]
+        expected = f"--config: expected a config.json file or a folder holding one, found nothing at {tmp_path}"
+    before = snapshot(tmp_path)
+    assert run_cli("--checkpoint", tmp_path / "missing.pth", *config, "--output", out) == 1
+    assert expected in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
+def snapshot(folder: Path) -> dict[Path, bytes | None]:
+    """Every path under `folder` with its bytes (None for folders)."""
+    return {path: path.read_bytes() if path.is_file() else None for path in folder.rglob("*")}
+
+
 class _RunsCode:
     def __init__(self, marker: str):
         self.marker = marker
@@ -394,7 +450,7 @@ def test_flavour_preset_accepts_the_released_lavis_layout(flavour):
 
 # --- processor ----------------------------------------------------------------------------------------------
 def test_processor_is_written_when_tokenizers_are_given(tmp_path):
-    from hf_instructblip.processing import InstructBlipProcessor
+    from hf_instructblip.model.processing import InstructBlipProcessor
 
     qformer_tok, llm_tok = tiny.qformer_tokenizer(), tiny.llm_tokenizer("llama")
     qformer_tok.save_pretrained(tmp_path / "qtok")

@@ -1,5 +1,5 @@
-"""Evaluation runner: the CLI end to end, resume after an interruption, metrics recomputed from the predictions
-file, malformed lines reported by number, prompts, bad input."""
+"""Evaluation runner: the CLI end to end, resume after an interruption (and refusal when the data changed), metrics
+recomputed from the predictions file, malformed lines reported by number, the task table, bad input."""
 
 from __future__ import annotations
 
@@ -17,20 +17,11 @@ from hf_instructblip import (
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
     InstructBlipProcessor,
-    eval_prompt,
     sync_image_token,
 )
-from hf_instructblip.evaluate import (
-    RANKING_DATASETS,
-    TASKS,
-    build_prompt,
-    evaluate,
-    ivqa_example_accuracy,
-    load_records,
-    main,
-    read_predictions,
-)
-from hf_instructblip.templates import HELD_OUT
+from hf_instructblip.evaluate.runner import evaluate, main, read_predictions
+from hf_instructblip.evaluate.tasks import SCORERS, TASKS, load_records, prepare_examples
+from hf_instructblip.templates import HELD_OUT, HELD_OUT_METRICS, RANKING_DATASETS
 
 QUESTIONS = ["what is in the picture ?", "how many shapes are there ?", "what colour is the circle ?",
              "what shape is shown ?", "is this a cat or a dog ?"]
@@ -38,8 +29,6 @@ OPTIONS = [["a red circle", "two"], ["three", "two shapes", "a cat"], ["red", "b
            ["a dog", "a cat", "a small dog sitting"]]
 # The decoder-only generation preset with fewer beams and tokens, so the tiny runs stay fast.
 FAST = dict(num_beams=2, max_new_tokens=3, min_new_tokens=1, length_penalty=-1.0, do_sample=False)
-
-
 
 
 def build(kind: str) -> tuple[InstructBlipForConditionalGeneration, InstructBlipProcessor]:
@@ -136,13 +125,22 @@ def test_cli_end_to_end(llama, image_dir, tmp_path):
     assert json.loads(done.stdout) == metrics
 
 
+def model_folder(tmp_path: Path) -> Path:
+    """A folder that passes the CLI's `--model` check; loading it would fail, so a test passing with it shows that
+    the CLI stopped before the model load."""
+    folder = tmp_path / "model"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
 def test_cli_reports_malformed_line_number(image_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "bad.jsonl", [
         {"image": "a.png", "question": "q", "answers": ["a"]}, "", '{"image": "b.png", "question": }',
     ])
-    assert main(["--model", str(tmp_path / "unused"), "--data", str(data), "--task", "vizwiz"]) == 2
-    assert "line 3" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"line 3: malformed JSON"):
+    assert main(["--model", str(model_folder(tmp_path)), "--data", str(data), "--task", "vizwiz"]) == 2
+    assert "bad.jsonl, line 3: malformed JSON" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"line 3: malformed JSON \(Expecting value, column 32\)"):
         load_records(data)
     write_jsonl(data, ['["image"]'])
     with pytest.raises(ValueError, match="line 1: expected a JSON object"):
@@ -150,6 +148,50 @@ def test_cli_reports_malformed_line_number(image_dir, tmp_path, capsys):
     write_jsonl(data, [{"image": "a.png", "id": 7}, {"image": "b.png", "id": "7"}])
     with pytest.raises(ValueError, match="line 2: id '7' already used on line 1"):
         load_records(data)
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--limit", "--candidate-batch-size", "--num-beams",
+                                    "--max-new-tokens"])
+def test_cli_refuses_numbers_below_one(option, tmp_path, capsys):
+    argv = ["--model", str(model_folder(tmp_path)), "--data", "d.jsonl", "--task", "iconqa", option, "0"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {option}: expected an integer >= 1, found 0" in capsys.readouterr().err
+
+
+def test_cli_checks_paths_records_and_predictions_before_loading_the_model(image_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "vizwiz.jsonl", [{"image": f"{image_dir}/images/0.png", "question": "q",
+                                                    "answers": ["a"]}])
+    model = str(model_folder(tmp_path))
+
+    def error(**changes) -> str:
+        argv = {"--model": model, "--data": str(data), "--task": "vizwiz", "--output-dir": str(tmp_path / "out"),
+                **changes}
+        assert main([item for pair in argv.items() for item in pair]) == 2
+        return capsys.readouterr().err
+
+    assert "`--model`: expected an existing model folder or a Hub id 'owner/name', found " \
+           f"'{tmp_path}/missing/model', which is neither" in error(**{"--model": str(tmp_path / "missing" / "model")})
+    (tmp_path / "empty").mkdir()
+    assert "`--model`: expected a saved model folder (with config.json)" in \
+        error(**{"--model": str(tmp_path / "empty")})
+    # A plausible Hub id passes the check (offline, nothing is fetched): the run stops at the missing data file.
+    assert "`--data`: expected an existing JSON-lines file, found 'nope.jsonl'" in \
+        error(**{"--model": "Salesforce/instructblip-flan-t5-xl", "--data": "nope.jsonl"})
+    (tmp_path / "out.txt").write_text("")
+    assert f"`--output-dir`: expected a folder, found the file '{tmp_path / 'out.txt'}'" in \
+        error(**{"--output-dir": str(tmp_path / "out.txt")})
+    # Every example's fields, and the rows already in the predictions file.
+    write_jsonl(data, [{"image": f"{image_dir}/images/0.png", "text": "q"}])
+    assert "record 1 'answers': expected a non-empty list of non-empty strings, found None" in error()
+    write_jsonl(data, [{"image": f"{image_dir}/images/0.png", "question": "q", "answers": ["a"]}])
+    (tmp_path / "out").mkdir()
+    write_jsonl(tmp_path / "out" / "vizwiz_predictions.jsonl", [{"id": 1, "task": "vizwiz", "prompt": "p"}])
+    assert "vizwiz_predictions.jsonl, line 1: a 'generate' prediction row needs" in error()
+    write_jsonl(tmp_path / "out" / "vizwiz_predictions.jsonl",
+                [{"id": 1, "task": "vizwiz", "prompt": "Question: other Short answer:", "prediction": "a"}])
+    assert "1 predictions were made for another prompt" in error()
 
 
 # --- resume -------------------------------------------------------------------------------------------------
@@ -240,24 +282,73 @@ def test_cut_off_last_line_is_recomputed(llama, image_dir, tmp_path):
     assert [r["id"] for r in read_rows(predictions)] == [1, 2, 3, 4, 5]
 
 
+def gqa_row(i: int) -> str:
+    return json.dumps({"id": i, "task": "gqa", "prompt": "p", "prediction": "a"})
+
+
 def test_complete_row_without_its_newline_is_dropped_not_merged(tmp_path):
     """Killed between a row's `}` and its newline: the row is recomputed, the next append starts a fresh line."""
     path = tmp_path / "p.jsonl"
-    path.write_text('{"id": 1, "task": "gqa"}\n{"id": 2, "task": "gqa"}')
+    path.write_text(f"{gqa_row(1)}\n{gqa_row(2)}")
     assert list(read_predictions(path, "gqa")) == ["1"]
-    assert path.read_text() == '{"id": 1, "task": "gqa"}\n'
+    assert path.read_text() == f"{gqa_row(1)}\n"
     with path.open("a") as handle:  # what the runner appends next
-        handle.write('{"id": 2, "task": "gqa"}\n{"id": 3, "task": "gqa"}\n')
+        handle.write(f"{gqa_row(2)}\n{gqa_row(3)}\n")
     assert list(read_predictions(path, "gqa")) == ["1", "2", "3"]
 
 
 def test_bad_predictions_file_is_reported(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"id": 1, "task": "gqa"}, "{oops", {"id": 3, "task": "gqa"}])
-    with pytest.raises(ValueError, match="line 2: malformed JSON"):
+    path = write_jsonl(tmp_path / "p.jsonl", [gqa_row(1), "{oops", gqa_row(3)])
+    with pytest.raises(ValueError, match=r"p.jsonl, line 2: malformed JSON"):
         read_predictions(path, "gqa")
-    write_jsonl(path, [{"id": 1, "task": "gqa"}])
-    with pytest.raises(ValueError, match="task 'gqa', not 'vizwiz'"):
+    write_jsonl(path, [gqa_row(1)])
+    with pytest.raises(ValueError, match="line 1: a prediction for task 'gqa', not 'vizwiz'"):
         read_predictions(path, "vizwiz")
+
+
+@pytest.mark.parametrize(
+    ("task", "row", "match"),
+    [
+        ("gqa", {"id": 1, "task": "gqa", "prompt": "p"},
+         r"p.jsonl, line 2: a 'generate' prediction row needs the fields \['id', 'prompt', 'prediction'\]; "
+         r"missing \['prediction'\], found \['id', 'prompt', 'task'\]"),
+        ("gqa", {"task": "gqa", "prompt": "p", "prediction": "a"}, r"line 2: .* missing \['id'\]"),
+        ("iconqa", {"id": 1, "task": "iconqa", "prompt": "p", "prediction": "a", "candidates": ["a", "b"]},
+         r"line 2: a 'rank' prediction row needs .* missing \['scores', 'best'\]"),
+        ("iconqa", {"id": 1, "task": "iconqa", "prompt": "p", "prediction": "a", "candidates": ["a", "b"],
+                    "scores": [0.5], "best": 0},
+         r"line 2: expected 'scores' \(one number per candidate\) and 'best' \(a candidate index\) for \['a', 'b'\], "
+         r"found scores \[0.5\], best 0"),
+        ("iconqa", {"id": 1, "task": "iconqa", "prompt": "p", "prediction": "a", "candidates": ["a", "b"],
+                    "scores": [0.5, 0.1], "best": 2}, r"line 2: expected 'scores' .* best 2"),
+    ],
+)
+def test_prediction_rows_without_their_fields_are_named(tmp_path, task, row, match):
+    """A row that lacks what its mode's metric reads fails when the file is read, naming file and line."""
+    path = write_jsonl(tmp_path / "p.jsonl", ["", row])
+    with pytest.raises(ValueError, match=match):
+        read_predictions(path, task)
+
+
+def test_resume_refuses_rows_made_for_other_data(llama, image_dir, tmp_path):
+    """Same ids, another prompt or other candidates (the data file changed): the old rows are not reused silently."""
+    model, processor = llama
+    records = iconqa_records(image_dir)
+    predictions = tmp_path / "p.jsonl"
+    evaluate(model, processor, records, "iconqa", predictions_path=predictions, limit=3, progress=False)
+    before = predictions.read_text()
+    reworded = [{**r, "question": "a new question ?"} if r["id"] == 2 else r for r in records]
+    with pytest.raises(ValueError, match=r"p.jsonl: 1 predictions were made for another prompt or other candidates "
+                                         r"than the records now give \(ids \[2\]\); delete the file"):
+        evaluate(model, processor, reworded, "iconqa", predictions_path=predictions, progress=False)
+    new_options = [{**r, "options": [*r["options"], "maybe"]} if r["id"] in (1, 3) else r for r in records]
+    with pytest.raises(ValueError, match=r"2 predictions .* \(ids \[1, 3\]\)"):
+        evaluate(model, processor, new_options, "iconqa", predictions_path=predictions, progress=False)
+    assert predictions.read_text() == before  # nothing appended
+    # Changed records past the rows already written are fine: they are computed as usual.
+    later = [{**r, "question": "a new question ?"} if r["id"] == 5 else r for r in records]
+    metrics = evaluate(model, processor, later, "iconqa", predictions_path=predictions, progress=False)
+    assert metrics["num_examples"] == 5
 
 
 # --- the other metrics, recomputed from the predictions file -------------------------------------------------
@@ -302,62 +393,36 @@ def test_t5_generation_and_exact_match(image_dir, tmp_path):
     assert metrics["generation"] == {**FAST, "length_penalty": -1.0}
 
 
-def test_ivqa_accuracy_by_hand():
-    assert ivqa_example_accuracy("Two", ["2", "two", "3", "3", "4"]) == 1.0
-    assert ivqa_example_accuracy("3", ["2", "two", "3", "1", "4"]) == 0.5
-    assert ivqa_example_accuracy("5", ["2", "two", "3", "1", "4"]) == 0.0
-
-
-# --- prompts, tasks and bad input -----------------------------------------------------------------------------
-
-FULL_RECORD = {"question": "What is it?", "ocr_tokens": ["stop", "ahead"], "options": ["a", "b"],
-               "context": "A sign.", "caption": "The cat is left of the dog.", "text": "love everyone"}
-
-
-# The paper's zero-shot prompts (shared/reference/instruction_data.json, "eval_prompts") filled from FULL_RECORD by
-# hand: written out here so a wrong prompt table cannot pass by changing both functions below alike.
-PAPER_PROMPTS = {
-    "flickr30k": "A short image description:",
-    "gqa": "Question: What is it? Short answer:",
-    "hateful_memes": 'This is an image with: "stop, ahead" written on it. Is it hateful? Answer:',
-    "iconqa": "Question: What is it? Options: a, b. Short answer:",
-    "ivqa": "Question: What is it? Short answer:",
-    "msrvtt_qa": "Question: What is it? Short answer:",
-    "msvd_qa": "Question: What is it? Short answer:",
-    "nocaps": "A short image description:",
-    "scienceqa": "Context: A sign. Question: What is it? Options: a, b. Answer:",
-    "textvqa": "OCR tokens: stop, ahead. Question: What is it? Short answer:",
-    "visdial": "Dialog history: A sign.\n Question: What is it? Short answer:",
-    "vizwiz": "Question: What is it? Short answer:",
-    "vsr": 'Based on the image, is this statement true or false? "The cat is left of the dog." Answer:',
-}
-
-
-def test_every_task_has_a_written_out_prompt():
-    assert set(PAPER_PROMPTS) == set(TASKS)
-
-
-@pytest.mark.parametrize("task", sorted(TASKS))
-def test_prompt_is_the_papers(task):
-    assert build_prompt(task, FULL_RECORD) == eval_prompt(task, FULL_RECORD)
-    assert build_prompt(task, FULL_RECORD) == PAPER_PROMPTS[task]
-
-
-def test_prompt_field_aliases_and_optional_context():
-    assert build_prompt("gqa", {"text": "Why?"}) == "Question: Why? Short answer:"
-    assert build_prompt("iconqa", {"question": "Q?", "candidates": ["x", "y"]}) == \
-        "Question: Q? Options: x, y. Short answer:"
-    assert build_prompt("scienceqa", {"question": "Q?", "options": ["x"]}).startswith("Context:  Question: Q?")
-    with pytest.raises(ValueError, match=r"'question', 'text'"):
-        build_prompt("gqa", {"image": "a.png"})
-
+# --- tasks, prompts and bad input ----------------------------------------------------------------------------
 
 def test_tasks_follow_the_paper_data():
     assert set(TASKS) == set(HELD_OUT)
     assert {t for t, spec in TASKS.items() if spec.mode == "rank"} == RANKING_DATASETS & set(HELD_OUT)
+    assert {t: spec.metric for t, spec in TASKS.items()} == dict(HELD_OUT_METRICS)
+    assert set(HELD_OUT_METRICS.values()) <= set(SCORERS)
+    # The metrics as before the task table moved to the data file.
+    assert {t: spec.metric for t, spec in TASKS.items()} == {
+        "nocaps": "cider", "flickr30k": "cider", "gqa": "exact_match", "vsr": "exact_match",
+        "vizwiz": "vqa_accuracy", "textvqa": "vqa_accuracy", "ivqa": "ivqa_accuracy", "iconqa": "accuracy",
+        "scienceqa": "accuracy", "msvd_qa": "accuracy", "msrvtt_qa": "accuracy", "visdial": "mrr",
+        "hateful_memes": "roc_auc"}
     generate = {t: spec.generation for t, spec in TASKS.items() if spec.mode == "generate"}
     assert generate["gqa"] == {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0,
                                "do_sample": False}
+    assert generate["nocaps"] == generate["flickr30k"] == {
+        "num_beams": 5, "max_new_tokens": 256, "min_new_tokens": 1, "repetition_penalty": 1.5,
+        "length_penalty": 1.0, "do_sample": False}
+
+
+def test_runner_prompts_are_eval_prompt(tmp_path):
+    """The runner fills prompts with `templates.eval_prompt` (its own filler, with other rules, is gone)."""
+    tiny.images(1)[0].save(tmp_path / "a.png")
+    image = str(tmp_path / "a.png")
+    science = prepare_examples("scienceqa", [{"image": image, "question": "Q?", "options": ["x", "y"], "answer": "y"}])
+    assert science[0].prompt == "Question: Q? Options: x, y. Answer:"  # no "Context:  " without a context
+    with pytest.raises(ValueError, match=r"record 7: example: the 'gqa' prompt is missing the field\(s\) "
+                                         r"'question' \(or 'text'\)"):
+        prepare_examples("gqa", [{"image": image, "answer": "a", "id": 7}])
 
 
 def test_bad_input_is_named(llama, tmp_path):

@@ -13,9 +13,9 @@ from hf_instructblip import (
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
     freeze_for_instruction_tuning,
-    head_loss,
 )
-from hf_instructblip.head_loss import frozen_head_cross_entropy
+from hf_instructblip.model import loss as head_loss
+from hf_instructblip.model.loss import frozen_head_cross_entropy
 
 
 def reference_token_losses(hidden, weight, bias, labels):
@@ -98,7 +98,7 @@ def test_training_loss_and_gradients_match_reference(kind):
     reference, ours = frozen_pair(kind)
     inputs = batch_inputs(seed=21)
     inputs.update(labels_for(kind, inputs))
-    expected, actual = reference(**inputs), ours(**inputs)
+    expected, actual = reference(**inputs), ours(**inputs, fused_head_loss=True)
     assert actual.logits is None and actual.token_losses is not None
     expected.loss.backward()
     actual.loss.backward()
@@ -111,43 +111,79 @@ def test_training_loss_and_gradients_match_reference(kind):
 
 @pytest.mark.parametrize("kind", ["llama", "t5"])
 def test_fused_and_unfused_agree_on_loss_token_losses_and_num_items(kind):
-    _, fused = frozen_pair(kind)
-    _, plain = frozen_pair(kind)
-    plain.config.fused_head_loss = False
+    _, model = frozen_pair(kind)
     inputs = batch_inputs(seed=22)
     inputs.update(labels_for(kind, inputs), num_items_in_batch=torch.tensor(40))
-    a, b = fused(**inputs), plain(**inputs)
+    a, b = model(**inputs, fused_head_loss=True), model(**inputs)
     assert a.logits is None and b.logits is not None
     torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=0)
-    torch.testing.assert_close(a.token_losses, b.token_losses[:, -a.token_losses.shape[1]:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.token_losses, b.token_losses, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.loss * 40, a.token_losses.sum(), atol=1e-4, rtol=0)
 
 
-def test_trainable_head_or_requested_logits_use_full_logits():
+def head_widths(model) -> list[int]:
+    """Records the number of positions each LM-head call returns: 0 on the fused path, L when it falls back."""
+    widths = []
+    model.language_model.get_output_embeddings().register_forward_hook(lambda m, a, out: widths.append(out.shape[1]))
+    return widths
+
+
+def test_trainable_head_falls_back_to_logits_and_still_trains():
     _, model = frozen_pair("llama")
     inputs = batch_inputs(seed=23)
     inputs.update(labels_for("llama", inputs))
-    assert model(**inputs, logits_to_keep=0).logits is not None  # logits asked for explicitly
+    expected = model(**inputs).loss
     model.language_model.get_output_embeddings().requires_grad_(True)
-    output = model(**inputs)
-    assert output.logits is not None
+    widths = head_widths(model)
+    output = model(**inputs, fused_head_loss=True)
+    assert output.logits is None and widths == [inputs["input_ids"].shape[1]]  # fell back, logits not returned
+    torch.testing.assert_close(output.loss, expected, atol=1e-6, rtol=0)
     output.loss.backward()
     assert model.language_model.get_output_embeddings().weight.grad is not None
 
 
-def test_eval_mode_returns_logits_and_no_token_losses():
-    _, model = frozen_pair("t5")
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_output_contract_depends_on_the_call_alone(kind):
+    """No labels: logits, no loss. Labels: loss + token_losses, full logits unless `fused_head_loss=True`. Training
+    or eval mode changes nothing of this."""
+    _, model = frozen_pair(kind)
     inputs = batch_inputs(seed=24)
-    inputs.update(labels_for("t5", inputs))
-    output = model.eval()(**inputs)
-    assert output.logits is not None and output.token_losses is None
+    labels = labels_for(kind, inputs)
+    length = (labels["labels"] if kind == "t5" else inputs["input_ids"]).shape[1]
+    vocab = model.config.text_config.vocab_size
+    for mode in (True, False):
+        model.train(mode)
+        plain = model(**inputs, **({"decoder_input_ids": labels["labels"].clamp_min(0)} if kind == "t5" else {}))
+        assert plain.loss is None and plain.token_losses is None and plain.logits.shape == (3, length, vocab)
+        full = model(**inputs, **labels)
+        assert full.logits.shape == (3, length, vocab)
+        assert full.token_losses.shape == (3, length - (kind != "t5")) and not full.token_losses.requires_grad
+        fused = model(**inputs, **labels, fused_head_loss=True)
+        assert fused.logits is None
+        torch.testing.assert_close(fused.loss, full.loss, atol=1e-6, rtol=0)
+        torch.testing.assert_close(fused.token_losses, full.token_losses, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_all_labels_ignored_give_a_zero_loss_and_zero_gradients(kind):
+    """One fully masked micro-batch must not turn the run's loss into NaN."""
+    _, model = frozen_pair(kind)
+    inputs = batch_inputs(seed=32)
+    inputs.update(labels_for(kind, inputs))
+    inputs["labels"] = torch.full_like(inputs["labels"], -100)
+    for fused, num_items in ((True, None), (False, None), (True, torch.tensor(0))):
+        model.zero_grad()
+        output = model(**inputs, fused_head_loss=fused, num_items_in_batch=num_items)
+        assert output.loss.item() == 0.0
+        output.loss.backward()
+        assert all(not p.grad.any() for p in model.parameters() if p.grad is not None)
 
 
 def test_head_is_restored_after_the_forward_even_on_error():
     _, model = frozen_pair("t5")
     head = model.language_model.get_output_embeddings()
     inputs = batch_inputs(seed=25)
-    inputs.update(labels_for("t5", inputs))
+    inputs.update(labels_for("t5", inputs), fused_head_loss=True)
     model(**inputs)
     assert not head._forward_pre_hooks
     with pytest.raises(ValueError, match="`labels` must have shape"):
@@ -168,9 +204,8 @@ def fused_and_unfused(model, inputs):
     """(loss, trained grads) with the fused head loss, then with full logits."""
     results = []
     for fused in (True, False):
-        model.config.fused_head_loss = fused
         model.zero_grad()
-        output = model(**inputs)
+        output = model(**inputs, fused_head_loss=fused)
         assert (output.logits is None) == fused
         output.loss.backward()
         results.append((output.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
@@ -204,12 +239,15 @@ def test_other_allow_listed_llms_end_with_the_head(model_type):
     assert_same(fused_and_unfused(model, inputs))
 
 
-def test_llm_outside_the_allow_list_keeps_its_logits():
+def test_llm_outside_the_allow_list_takes_its_loss_from_the_logits():
+    """Gemma-2 soft-caps its logits after the head: the fused path would skip that, so it is not taken."""
     config = AutoConfig.for_model("gemma2", **dict(LLAMA_LIKE, head_dim=8, final_logit_softcapping=30.0))
     model = frozen_ours(config)
     inputs = batch_inputs(seed=27)
     inputs.update(labels_for("llama", inputs))
-    assert model(**inputs).logits is not None
+    widths = head_widths(model)
+    assert_same(fused_and_unfused(model, inputs))
+    assert widths == [inputs["input_ids"].shape[1]] * 2
 
 
 @pytest.mark.parametrize("kind", ["llama", "t5"])
@@ -237,8 +275,9 @@ def test_head_with_an_unusable_weight_at_call_time_falls_back(monkeypatch):
     inputs.update(labels_for("t5", inputs))
     expected = model(**inputs).loss
     monkeypatch.setattr(head_loss, "_usable_here", lambda module, hidden: False)
-    output = model(**inputs)
-    assert output.logits is not None
+    widths = head_widths(model)
+    output = model(**inputs, fused_head_loss=True)
+    assert output.logits is None and widths == [inputs["labels"].shape[1]]  # the head computed logits
     torch.testing.assert_close(output.loss, expected, atol=1e-6, rtol=0)
     monkeypatch.undo()
     head = model.language_model.get_output_embeddings()
@@ -258,6 +297,7 @@ def test_offloaded_head_falls_back_to_logits():
     expected = model(**inputs).loss
     cpu_offload(model.language_model.get_output_embeddings(), execution_device="cpu")
     assert model.language_model.get_output_embeddings().weight.is_meta
-    output = model(**inputs)
-    assert output.logits is not None
+    widths = head_widths(model)
+    output = model(**inputs, fused_head_loss=True)
+    assert output.logits is None and widths == [inputs["input_ids"].shape[1]]  # the head computed logits
     torch.testing.assert_close(output.loss, expected, atol=1e-6, rtol=0)

@@ -1,14 +1,15 @@
 """Hub publishing through the real push code path, down to the commit operations handed to huggingface_hub.
 
-`HfApi.create_repo / file_exists / create_commit / create_branch` are replaced by a recorder that writes each
-`CommitOperationAdd` into a folder (nothing is sent); the folder is then loaded with `trust_remote_code=True` in a
-fresh process that never imports hf_instructblip.
+`HfApi.create_repo / file_exists / create_commit` are replaced by a recorder that writes each `CommitOperationAdd`
+into a folder, and sockets refuse to connect, so nothing is sent; the folder is then loaded with
+`trust_remote_code=True` in a fresh process that never imports hf_instructblip.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,7 @@ from hf_instructblip import (
     load_trainable_weights,
 )
 from hf_instructblip.hub import LocalHubApi, model_card, push_to_hub, push_trainable_to_hub
+import hf_instructblip.model
 
 REPO = "someone/instructblip-tiny"
 PROMPTS = ["what colour is the circle ?", "describe the image briefly ."]
@@ -62,19 +64,24 @@ class Recorder:
                                      "message": commit_message, **kwargs})
             return "commit-info"
 
-        def refuse(api, *args, **kwargs):
-            raise AssertionError("the push must not reach the network")
-
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "file_exists", file_exists)
         monkeypatch.setattr(HfApi, "create_commit", create_commit)
-        monkeypatch.setattr(HfApi, "preupload_lfs_files", refuse)
-        monkeypatch.setattr(HfApi, "upload_folder", refuse)
         return self
 
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
+def no_network(monkeypatch):
+    """Any connection attempt fails the test (e.g. an upload path that bypasses `create_commit`)."""
+    def refuse(sock, address):
+        raise AssertionError(f"the push must not reach the network (connect to {address})")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, no_network):
     return Recorder(tmp_path / "hub").install(monkeypatch)
 
 
@@ -103,8 +110,14 @@ def test_push_writes_a_folder_that_loads_with_remote_code_in_a_fresh_process(hub
 
     assert len(hub.commits) == 1, "model, processor and card go in one commit"
     paths = set(hub.commits[0]["paths"])
-    assert {"model.safetensors", "config.json", "modeling.py", "configuration.py", "processing.py",
-            "processor_config.json", "tokenizer.json", "qformer_tokenizer/tokenizer.json", "README.md"} <= paths
+    assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json",
+            "qformer_tokenizer/tokenizer.json", "README.md"} <= paths
+    # The code shipped is exactly the remote-code folder `hf_instructblip/model/`, nothing of training or evaluation.
+    model_folder = Path(hf_instructblip.model.__file__).parent
+    shipped = {p.name for p in model_folder.glob("*.py")} - {"__init__.py"}
+    assert {p for p in paths if p.endswith(".py")} == shipped
+    for name in shipped:
+        assert (hub.root / REPO / name).read_bytes() == (model_folder / name).read_bytes(), name
     folder = hub.root / REPO
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"} <= set(auto_map)
@@ -114,10 +127,11 @@ def test_push_writes_a_folder_that_loads_with_remote_code_in_a_fresh_process(hub
     torch.save({"inputs": dict(inputs), "logits": logits(model, inputs)}, tmp_path / "expected.pt")
     script = textwrap.dedent(f"""
         import sys, torch
+        sys.modules["hf_instructblip"] = None  # importing the package now fails: the folder must suffice
         from transformers import AutoModel, AutoProcessor
         model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
-        assert "hf_instructblip" not in sys.modules, "the package itself must not be needed"
+        assert sys.modules["hf_instructblip"] is None, "the package itself must not be needed"
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
         expected = torch.load({str(tmp_path / "expected.pt")!r})
@@ -254,7 +268,7 @@ def test_local_hub_api_writes_what_a_push_sends(hub, tmp_path):
     assert "README.md" not in local.commits[-1][1]
 
 
-def test_a_bare_repo_name_gets_the_users_namespace_in_the_card(tmp_path):
+def test_a_bare_repo_name_gets_the_users_namespace_in_the_card(tmp_path, no_network):
     processor = tiny_processor()
     local = LocalHubApi(tmp_path, user="alice")
     push_to_hub(tiny_model(processor), "shapes-model", processor, api=local)
@@ -263,11 +277,14 @@ def test_a_bare_repo_name_gets_the_users_namespace_in_the_card(tmp_path):
 
 
 # --- bad input -------------------------------------------------------------------------------------------
-def test_bad_arguments_get_clear_errors(hub):
+def test_bad_arguments_get_clear_errors(hub, monkeypatch):
     processor = tiny_processor()
     model = tiny_model(processor)
+    monkeypatch.setattr(type(model), "save_pretrained", lambda *a, **k: pytest.fail("saved before validation"))
     with pytest.raises(ValueError, match="`repo_id` must be a Hub repo id"):
         push_to_hub(model, "not a/valid/id", processor)
+    with pytest.raises(ValueError, match=r"`repo_id` must be a Hub repo id .*Cannot have -- or \.\."):
+        push_to_hub(model, "someone/bad--name", processor)  # huggingface_hub's rule, not a character class
     with pytest.raises(TypeError, match="`processor` must have `save_pretrained`"):
         push_to_hub(model, REPO, processor="tokenizer")
     with pytest.raises(TypeError, match="`model` must be an InstructBlipForConditionalGeneration"):

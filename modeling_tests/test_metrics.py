@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from hf_instructblip.metrics import (
+from hf_instructblip.evaluate.metrics import (
     cider_d,
     exact_match_accuracy,
+    ivqa_accuracy,
     mean_reciprocal_rank,
     normalize_vqa_answer,
     roc_auc,
@@ -51,6 +52,16 @@ def test_vqa_accuracy_leave_one_out(matches, expected):
 def test_vqa_accuracy_normalises_both_sides_and_averages():
     refs = [["Two"] * 10, ["a dog"] * 2 + ["cat"] * 8]
     assert vqa_accuracy(["2.", "Dog"], refs) == pytest.approx((1.0 + 0.6) / 2)
+
+
+def test_ivqa_accuracy_by_hand():
+    """min(#annotators who gave the answer / 2, 1) after VQA normalisation: 2 matches -> 1, 1 -> 0.5, 0 -> 0."""
+    answers = [["2", "two", "3", "3", "4"], ["2", "two", "3", "1", "4"], ["2", "two", "3", "1", "4"]]
+    assert ivqa_accuracy(["Two"], answers[:1]) == 1.0
+    assert ivqa_accuracy(["3"], answers[1:2]) == 0.5
+    assert ivqa_accuracy(["Two", "3", "5"], answers) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="one item per example"):
+        ivqa_accuracy(["a"], [])
 
 
 def test_exact_match_accuracy():

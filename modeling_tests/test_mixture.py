@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from types import SimpleNamespace
 
 import pytest
 import tiny
@@ -12,13 +11,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from hf_instructblip.mixture import (
+from hf_instructblip.json_lines import read_json_lines
+from hf_instructblip.training.mixture import (
     InstructionDataset,
     MixtureSource,
     build_instruction_mixture,
-    load_image,
-    read_json_lines,
 )
+from hf_instructblip.model.images import load_image
 from hf_instructblip.templates import TEMPLATES
 
 
@@ -86,8 +85,14 @@ def test_image_loading_accepts_datasets_byte_dicts_and_reports_missing_files(tmp
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
     broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"image": "a.png"}\n\n["a list"]\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl, line 3: expected a JSON object, found list"):
+        read_json_lines(broken)
     broken.write_text('{"image": "a.png"}\nnot json\n')
-    with pytest.raises(ValueError, match="broken.jsonl:2"):
+    with pytest.raises(ValueError, match=r"broken.jsonl, line 2: malformed JSON"):
+        read_json_lines(broken)
+    broken.write_bytes(b'{"image": "a.png"}\n{"image": "\xff.png"}\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl, line 2: malformed JSON \(not UTF-8\)"):
         read_json_lines(broken)
     with pytest.raises(ValueError, match="task"):
         InstructionDataset([], task="nope")
@@ -102,16 +107,11 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 
 
 def tiny_processor():
-    """The processor interface the collator documents, from the tiny tokenizers and image processor."""
-    tokenizer = tiny.llm_tokenizer("llama")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    return SimpleNamespace(tokenizer=tokenizer, qformer_tokenizer=tiny.qformer_tokenizer(),
-                           image_processor=tiny.image_processor(), num_query_tokens=tiny.NUM_QUERY_TOKENS,
-                           image_token="<image>", image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    return tiny.processor("llama")
 
 
 def test_collator_batches_feed_the_model(sources):
-    collator_module = pytest.importorskip("hf_instructblip.collator")
+    collator_module = pytest.importorskip("hf_instructblip.training.collator")
     from hf_instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration
 
     sources, _ = sources

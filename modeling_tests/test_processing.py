@@ -15,9 +15,9 @@ from transformers import AutoProcessor
 from transformers import InstructBlipProcessor as ReferenceProcessor
 
 import tiny
-from hf_instructblip.configuration import InstructBlipConfig
-from hf_instructblip.modeling import InstructBlipForConditionalGeneration
-from hf_instructblip.processing import HfInstructBlipProcessor, InstructBlipProcessor, sync_image_token
+from hf_instructblip.model.configuration import InstructBlipConfig
+from hf_instructblip.model.modeling import InstructBlipForConditionalGeneration
+from hf_instructblip.model.processing import HfInstructBlipProcessor, InstructBlipProcessor, sync_image_token
 
 Q = tiny.NUM_QUERY_TOKENS
 PROMPTS = ["what is in the picture ? a red circle on a white background .", "describe the image briefly ."]
@@ -263,7 +263,8 @@ def test_pil_modes_match_transformers(mode):
         (dict(), ValueError, "both are None"),
         (dict(images=tiny.images(3), text=PROMPTS), ValueError, "3 images for 2 prompts"),
         (dict(images=Image.new("RGB", (0, 0)), text="a"), ValueError, r"images\[0\]` is empty: found a 0x0"),
-        (dict(images=["cat.png"], text="a"), TypeError, r"images\[0\]` must be a PIL image.*found str"),
+        (dict(images=["cat.png"], text="a"), ValueError, r"images\[0\]`: image file not found: cat.png"),
+        (dict(images=[3], text="a"), TypeError, r"images\[0\]` must be a PIL image.*found int"),
         (dict(images=tiny.images(1), text=[]), ValueError, "`text` is an empty list"),
         (dict(images=[], text="a"), ValueError, "`images` is empty"),
         (dict(text=[1, "a"]), TypeError, r"non-strings at \(index: type\) \{0: 'int'\}"),
@@ -273,7 +274,7 @@ def test_pil_modes_match_transformers(mode):
         (dict(text="a", padding_side="middle"), ValueError, "'left' or 'right'"),
         (dict(text="a", colour="red"), TypeError, r"Unknown keyword arguments \['colour'\]"),
     ],
-    ids=["nothing", "3-images-2-texts", "0x0", "string-image", "empty-prompts", "empty-images", "non-string-text",
+    ids=["nothing", "3-images-2-texts", "0x0", "missing-file", "int-image", "empty-prompts", "empty-images", "non-string-text",
          "float-out-of-range", "5-channels", "max-length-too-small", "padding-side", "unknown-kwarg"],
 )
 def test_bad_input_gets_a_clear_error(call, error, message):

@@ -8,7 +8,7 @@ import tiny
 import torch
 
 from hf_instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration
-from hf_instructblip.ranking import rank_candidates
+from hf_instructblip.evaluate.ranking import rank_candidates
 
 IMAGE_TOKEN = 319
 PROMPTS = ["what is in the picture ?", "how many shapes are there ? answer :"]
@@ -88,10 +88,10 @@ def test_ranking_matches_pairwise_forward(setup, reduction):
     assert result.best == [order[0] for order in result.ranking]
 
 
-def test_string_candidates_chunking_and_model_method_agree_with_token_ids(setup):
+def test_string_candidates_and_chunking_agree_with_token_ids(setup):
     kind, model, tokenizer, inputs, _, cand_ids = setup
     by_ids = rank_candidates(model, **inputs, candidates=cand_ids)
-    by_text = model.rank_candidates(**inputs, candidates=CANDIDATES, tokenizer=tokenizer, candidate_batch_size=2)
+    by_text = rank_candidates(model, **inputs, candidates=CANDIDATES, tokenizer=tokenizer, candidate_batch_size=2)
     for a, b in zip(by_ids.scores, by_text.scores):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert by_ids.ranking == by_text.ranking

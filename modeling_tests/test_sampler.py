@@ -18,7 +18,7 @@ from accelerate.data_loader import prepare_data_loader, skip_first_batches
 from torch.utils.data import ConcatDataset, DataLoader
 from transformers import TrainerControl, TrainerState
 
-from hf_instructblip.sampler import (
+from hf_instructblip.training.sampler import (
     BalancedConcatSampler,
     SamplerEpochCallback,
     largest_remainder_counts,

@@ -22,23 +22,96 @@ def test_held_in_and_held_out_are_disjoint_and_cover_every_dataset():
     assert sorted(T.HELD_IN + T.HELD_OUT) == sorted(T.DATASETS)
 
 
-def test_every_held_out_dataset_has_an_eval_prompt_with_matching_slots():
-    assert set(T.EVAL_PROMPTS) == set(T.HELD_OUT) == set(T.EVAL_PROMPT_SLOTS)
-    for dataset, prompt in T.EVAL_PROMPTS.items():
-        slots = T.EVAL_PROMPT_SLOTS[dataset]
-        assert prompt.count("{}") == len(slots), dataset
-        filled = T.eval_prompt(dataset, {field: f"<{field}>" for field in slots})
-        assert "{}" not in filled and all(f"<{field}>" in filled for field in slots)
+# The paper's zero-shot prompts (shared/reference/instruction_data.json, "eval_prompts") filled by hand from FULL and
+# from the fewest fields each dataset takes, written out so a wrong prompt table cannot pass by changing code alike.
+FULL = {"question": "What is it?", "ocr_tokens": ["stop", "ahead"], "options": ["a", "b"], "context": "A sign.",
+        "caption": "The cat is left of the dog."}
+PAPER_PROMPTS = {
+    "flickr30k": "A short image description:",
+    "gqa": "Question: What is it? Short answer:",
+    "hateful_memes": 'This is an image with: "stop, ahead" written on it. Is it hateful? Answer:',
+    "iconqa": "Question: What is it? Options: a, b. Short answer:",
+    "ivqa": "Question: What is it? Short answer:",
+    "msrvtt_qa": "Question: What is it? Short answer:",
+    "msvd_qa": "Question: What is it? Short answer:",
+    "nocaps": "A short image description:",
+    "scienceqa": "Context: A sign. Question: What is it? Options: a, b. Answer:",
+    "textvqa": "OCR tokens: stop, ahead. Question: What is it? Short answer:",
+    "visdial": "Dialog history: A sign.\n Question: What is it? Short answer:",
+    "vizwiz": "Question: What is it? Short answer:",
+    "vsr": 'Based on the image, is this statement true or false? "The cat is left of the dog." Answer:',
+}
+# The evaluation data's aliases: "text" for the question, the meme text or the VSR statement; "candidates".
+ALIASED = [
+    ("gqa", {"text": "Why?"}, "Question: Why? Short answer:"),
+    ("msvd_qa", {"text": "Who runs?"}, "Question: Who runs? Short answer:"),
+    ("iconqa", {"question": "Q?", "candidates": ["x", "y"]}, "Question: Q? Options: x, y. Short answer:"),
+    ("hateful_memes", {"text": "love everyone"},
+     'This is an image with: "love everyone" written on it. Is it hateful? Answer:'),
+    ("vsr", {"text": "The cup is on the table."},
+     'Based on the image, is this statement true or false? "The cup is on the table." Answer:'),
+    ("textvqa", {"ocr_tokens": "exit", "question": "Q?"}, "OCR tokens: exit. Question: Q? Short answer:"),
+    ("visdial", {"context": "A dog.", "text": "Is it big?"},
+     "Dialog history: A dog.\n Question: Is it big? Short answer:"),
+    # ScienceQA without a context (many questions): no "Context:" part and no double space.
+    ("scienceqa", {"question": "Q?", "options": ["x", "y"]}, "Question: Q? Options: x, y. Answer:"),
+    ("scienceqa", {"question": "Q?", "options": ["x"], "context": ""}, "Question: Q? Options: x. Answer:"),
+    ("scienceqa", {"question": "Q?", "options": ["x"], "context": None}, "Question: Q? Options: x. Answer:"),
+]
 
 
-def test_eval_prompt_fills_slots_in_order():
-    assert T.eval_prompt("scienceqa", {"context": "It rains.", "question": "Is it wet?", "options": ["yes", "no"]}) \
-        == "Context: It rains. Question: Is it wet? Options: yes, no. Answer:"
-    assert T.eval_prompt("nocaps") == "A short image description:"
-    with pytest.raises(ValueError, match="'question'"):
-        T.eval_prompt("gqa", {"answer": "x"})
-    with pytest.raises(ValueError, match="held-out dataset"):
-        T.eval_prompt("vqav2", {"question": "x"})
+def test_every_held_out_dataset_has_a_written_out_prompt():
+    assert set(T.EVAL_PROMPTS) == set(T.HELD_OUT) == set(PAPER_PROMPTS)
+
+
+@pytest.mark.parametrize("dataset", sorted(PAPER_PROMPTS))
+def test_eval_prompt_is_the_papers(dataset):
+    assert T.eval_prompt(dataset, FULL) == PAPER_PROMPTS[dataset]
+
+
+@pytest.mark.parametrize(("dataset", "example", "prompt"), ALIASED)
+def test_eval_prompt_takes_the_data_aliases_and_an_optional_context(dataset, example, prompt):
+    assert T.eval_prompt(dataset, example) == prompt
+
+
+def test_eval_prompt_without_slots_needs_no_example():
+    assert T.eval_prompt("nocaps") == T.eval_prompt("flickr30k", {}) == "A short image description:"
+
+
+@pytest.mark.parametrize(
+    ("dataset", "example", "error", "match"),
+    [
+        ("gqa", {"answer": "x"}, ValueError, r"'gqa' prompt is missing the field\(s\) 'question' \(or 'text'\); "
+                                             r"got fields \['answer'\]"),
+        ("scienceqa", {"context": "c", "question": "q"}, ValueError,
+         r"'scienceqa' prompt is missing the field\(s\) 'options' \(or 'candidates'\); "
+         r"got fields \['context', 'question'\]"),
+        ("visdial", {"question": "q"}, ValueError, r"'visdial' prompt is missing the field\(s\) 'context';"),
+        ("vqav2", {"question": "x"}, ValueError, "held-out dataset"),
+        ("gqa", {"question": 3}, TypeError, r"example\['question'\]: expected a str or a list of str, got int"),
+        ("gqa", ["question"], TypeError, "example: expected a dict, got list"),
+    ],
+)
+def test_eval_prompt_errors_name_dataset_and_fields(dataset, example, error, match):
+    with pytest.raises(error, match=match):
+        T.eval_prompt(dataset, example)
+
+
+def test_held_out_metrics_and_ranked_datasets_come_from_the_data_file():
+    assert set(T.HELD_OUT_METRICS) == set(T.HELD_OUT)
+    assert T.RANKING_DATASETS & set(T.HELD_OUT) == {"iconqa", "scienceqa", "msvd_qa", "msrvtt_qa", "visdial",
+                                                     "hateful_memes"}
+
+
+def test_generation_presets_are_lavis_defaults():
+    assert T.generation_preset("lavis") == dict(num_beams=5, max_new_tokens=256, min_new_tokens=1,
+                                                repetition_penalty=1.5, length_penalty=1.0, do_sample=False)
+    assert T.generation_preset("short") == dict(num_beams=5, max_new_tokens=10, min_new_tokens=1,
+                                                length_penalty=-1.0, do_sample=False)
+    assert T.generation_preset("short", sample=True) == {**T.generation_preset("short"), "do_sample": True,
+                                                         "top_p": 0.9}
+    with pytest.raises(ValueError, match=r"`preset` must be one of \['lavis', 'short'\], found 'long'"):
+        T.generation_preset("long")
 
 
 def test_every_template_formats_and_each_family_has_several():
@@ -73,7 +146,7 @@ def test_every_held_in_dataset_has_a_category():
 # ---- records ---------------------------------------------------------------------------------------------------------
 def test_vqa_record_uses_a_vqa_template_with_the_question():
     out = record({"image": "img.png", "question": QUESTION, "answer": ANSWER}, "vqav2", seed=0, index=3)
-    assert tuple(out) == T.RECORD_KEYS == ("image", "instruction", "answer", "dataset")
+    assert tuple(out) == ("image", "instruction", "answer", "dataset")
     assert out["instruction"] in {t.format(QUESTION) for t in T.TEMPLATES["vqa"]}
     assert (out["image"], out["answer"], out["dataset"]) == ("img.png", ANSWER, "vqav2")
 

@@ -7,7 +7,6 @@ backward passes and parameter snapshots, never from the trainer under test.
 from __future__ import annotations
 
 import copy
-import types
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,15 @@ from torch.utils.data import Sampler, SequentialSampler
 from transformers import TrainingArguments
 
 from hf_instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration
-from hf_instructblip.collator import InstructBlipDataCollator
-from hf_instructblip.freezing import (
+from hf_instructblip.training.collator import InstructBlipDataCollator
+from hf_instructblip.training.freezing import (
     TRAINABLE_WEIGHTS_NAME,
     freeze_for_instruction_tuning,
     load_trainable_weights,
     parameter_table,
     save_trainable_weights,
 )
-from hf_instructblip.trainer import InstructBlipTrainer
+from hf_instructblip.training.trainer import InstructBlipTrainer
 
 INSTRUCTIONS = [
     "what is in the picture ?", "describe the image briefly .", "how many shapes are there ?",
@@ -40,14 +39,8 @@ TRAINED_PREFIXES = ("qformer.", "query_tokens", "language_projection.")
 
 
 
-def make_processor(kind: str, num_query_tokens: int = tiny.NUM_QUERY_TOKENS) -> types.SimpleNamespace:
-    tokenizer = tiny.llm_tokenizer(kind)
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    return types.SimpleNamespace(
-        tokenizer=tokenizer, qformer_tokenizer=tiny.qformer_tokenizer(), image_processor=tiny.image_processor(),
-        num_query_tokens=num_query_tokens, image_token="<image>",
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-    )
+def make_processor(kind: str, num_query_tokens: int = tiny.NUM_QUERY_TOKENS):
+    return tiny.processor(kind, num_query_tokens)
 
 
 def make_model(kind: str, processor, seed: int = 0, text_overrides: dict | None = None, freeze: bool = True,
@@ -389,7 +382,7 @@ def test_evaluate_accepts_named_records(tmp_path):
 def test_trainer_rejects_collator_with_another_image_token(tmp_path):
     processor = make_processor("llama")
     model = make_model("llama", processor)
-    other = types.SimpleNamespace(**{**vars(processor), "image_token_id": 299})
+    other = tiny.processor("llama", image_token=processor.tokenizer.convert_ids_to_tokens(299))
     with pytest.raises(ValueError, match="image token id 299.*image_token_index is 300"):
         InstructBlipTrainer(model=model, args=training_args(tmp_path),
                             data_collator=InstructBlipDataCollator(other, decoder_only=True))

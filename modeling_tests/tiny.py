@@ -132,3 +132,11 @@ def llm_tokenizer(kind: str = "llama", vocab_size: int = 300) -> PreTrainedToken
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", padding_side="left")
+
+
+def processor(kind: str = "llama", num_query_tokens: int = NUM_QUERY_TOKENS, **kwargs):
+    """Our processor over the tiny tokenizers; it adds "<image>" to the LLM tokenizer (id 300)."""
+    from hf_instructblip import InstructBlipProcessor
+
+    return InstructBlipProcessor(image_processor(), llm_tokenizer(kind), qformer_tokenizer(),
+                                 num_query_tokens=num_query_tokens, **kwargs)

@@ -6,38 +6,49 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-from .collator import InstructBlipDataCollator
-from .configuration import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
+from .evaluate import (
+    CandidateRanking,
+    CiderResult,
+    cider_d,
+    exact_match_accuracy,
+    mean_reciprocal_rank,
+    normalize_vqa_answer,
+    rank_candidates,
+    roc_auc,
+    target_rank,
+    vqa_accuracy,
+    vqa_example_accuracy,
+)
 from .hub import LocalHubApi, model_card, push_to_hub, push_trainable_to_hub, trainable_card
-from .freezing import (
+from .model import (
+    HfInstructBlipProcessor,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipProcessor,
+    InstructBlipQFormerConfig,
+    InstructBlipQFormerModel,
+    InstructBlipVisionConfig,
+    InstructBlipVisionModel,
+    sync_image_token,
+)
+from .templates import eval_prompt, make_instruction_record, template_family, templates_for
+from .training import (
+    BalancedConcatSampler,
+    InstructBlipDataCollator,
+    InstructBlipTrainer,
+    InstructionDataset,
+    InstructionMixture,
+    MixtureSource,
     ParameterTable,
+    SamplerEpochCallback,
+    VisionFeatureCache,
+    build_instruction_mixture,
     freeze_for_instruction_tuning,
     load_trainable_weights,
     parameter_table,
     save_trainable_weights,
     trainable_state_dict,
 )
-from .metrics import (
-    CiderResult,
-    cider_d,
-    exact_match_accuracy,
-    mean_reciprocal_rank,
-    normalize_vqa_answer,
-    roc_auc,
-    target_rank,
-    vqa_accuracy,
-    vqa_example_accuracy,
-)
-from .mixture import InstructionDataset, InstructionMixture, MixtureSource, build_instruction_mixture
-from .modeling import InstructBlipForConditionalGeneration
-from .processing import HfInstructBlipProcessor, InstructBlipProcessor, sync_image_token
-from .qformer import InstructBlipQFormerModel
-from .ranking import CandidateRanking, rank_candidates
-from .sampler import BalancedConcatSampler, SamplerEpochCallback
-from .templates import eval_prompt, make_instruction_record, template_family, templates_for
-from .trainer import InstructBlipTrainer
-from .vision_cache import VisionFeatureCache
-from .vision_encoder import InstructBlipVisionModel
 
 AutoConfig.register(InstructBlipConfig.model_type, InstructBlipConfig, exist_ok=True)
 AutoModel.register(InstructBlipConfig, InstructBlipForConditionalGeneration, exist_ok=True)

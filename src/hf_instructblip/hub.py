@@ -20,28 +20,39 @@ folder instead of sending it (dry runs, offline demos).
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData, RepoUrl
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 
-from .freezing import TRAINABLE_WEIGHTS_NAME, instructblip_base, save_trainable_weights
+from .training.freezing import TRAINABLE_WEIGHTS_NAME, instructblip_base, save_trainable_weights
 
 CARD_NAME = "README.md"
 PIPELINE_TAG = "image-text-to-text"
 DEFAULT_TAGS = ("instructblip", "hf_instructblip", "vision-language", "image-to-text")
 PAPER = "https://arxiv.org/abs/2305.06500"
-_REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
 
 
 # --- argument checks ------------------------------------------------------------------------------------------
+def _repo_id_problem(value: Any) -> str | None:
+    """Why `value` is not a Hub repo id by huggingface_hub's own rules, or None when it is one."""
+    if value is None:  # validate_repo_id lets None through (a repo id is optional in its callers)
+        return "a repo id is required"
+    try:
+        validate_repo_id(value)
+    except HFValidationError as err:
+        return str(err)
+    return None
+
+
 def _check_repo_id(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not _REPO_ID.match(value) or value.startswith("."):
-        raise ValueError(f"`{name}` must be a Hub repo id such as 'user/name', found {value!r}.")
+    problem = _repo_id_problem(value)
+    if problem is not None:
+        raise ValueError(f"`{name}` must be a Hub repo id such as 'user/name', found {value!r} ({problem}).")
     return value
 
 
@@ -70,7 +81,7 @@ def _check_processor(processor: Any) -> None:
 def _hub_base_model(model: nn.Module) -> str | None:
     """The Hub id the model was loaded from, if any (local folders and fresh models give None)."""
     name = getattr(instructblip_base(model), "name_or_path", "") or ""
-    if not name or os.path.exists(name) or not _REPO_ID.match(name) or "/" not in name:
+    if not name or os.path.exists(name) or "/" not in name or _repo_id_problem(name) is not None:
         return None
     return name
 
@@ -212,6 +223,9 @@ def _push(api: HfApi, repo_id: str, write_files: Callable[[Path], Any], make_car
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         if overwrite_card or not api.file_exists(repo_id, CARD_NAME, revision=revision):
             make_card(repo_id).save(folder / CARD_NAME)
+        # Not `api.upload_folder`: with hf_xet installed, huggingface_hub (2.4 at least) uploads a folder through
+        # a pipeline that may split it into several commits and never calls `create_commit` (so LocalHubApi
+        # would reach the network).
         return api.create_commit(repo_id, folder_operations(folder), commit_message=commit_message,
                                  commit_description=commit_description, revision=revision, create_pr=create_pr)
 

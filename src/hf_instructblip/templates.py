@@ -2,7 +2,9 @@
 
 Loaded from `instruction_data.json` (shipped in the package; the paper's appendix as reproduced publicly).
 `make_instruction_record` turns a raw example into the record the collator consumes, with a template of its
-task drawn by a seed; `eval_prompt` fills a held-out dataset's zero-shot evaluation prompt.
+task drawn by a seed; `eval_prompt` fills a held-out dataset's zero-shot evaluation prompt; `generation_preset`
+gives LAVIS's `generate` defaults. This module is the only reader of the data file: the evaluation runner, the
+conversion scripts and the examples take the held-out metrics, ranked datasets, prompts and presets from here.
 
 Template families: captioning datasets use "image_captioning" templates (no slot; the caption is the answer),
 question answering uses "vqa" (slot = the question), question generation uses "vqg" (slot = the answer; the
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import string
 from collections.abc import Mapping
 from importlib import resources
 from types import MappingProxyType
@@ -29,7 +33,13 @@ HELD_OUT: tuple[str, ...] = tuple(_DATA["held_out"])
 TEMPLATES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {family: tuple(templates) for family, templates in _DATA["templates"].items()}
 )
+# Held-out dataset -> its zero-shot prompt: "{field}" slots, "[...]" parts left out when their field is missing.
 EVAL_PROMPTS: Mapping[str, str] = MappingProxyType(dict(_DATA["eval_prompts"]))
+# Held-out dataset -> the name of its metric in `hf_instructblip.evaluate` ("vqa_accuracy", "cider", "mrr", ...).
+HELD_OUT_METRICS: Mapping[str, str] = MappingProxyType(dict(_DATA["held_out_metrics"]))
+# Datasets scored by ranking a fixed candidate set by log-likelihood instead of free generation.
+RANKING_DATASETS: frozenset[str] = frozenset(_DATA["candidate_ranking_datasets"])
+GENERATION_PRESETS: tuple[str, ...] = tuple(_DATA["generation_presets"])
 
 INSTRUCTION_FAMILY = "instruction"  # LLaVA-Instruct-150K: the question already is the instruction
 FAMILIES: tuple[str, ...] = (*TEMPLATES, INSTRUCTION_FAMILY)
@@ -42,20 +52,10 @@ _FAMILY_OF_CATEGORY = {
     "llava_instruct_150k": INSTRUCTION_FAMILY,
 }
 
-# The example fields that fill each evaluation prompt's "{}" slots, in order (our reading of the prompts).
-EVAL_PROMPT_SLOTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "nocaps": (), "flickr30k": (),
-    "gqa": ("question",), "vizwiz": ("question",), "ivqa": ("question",),
-    "msvd_qa": ("question",), "msrvtt_qa": ("question",),
-    "textvqa": ("ocr_tokens", "question"),
-    "iconqa": ("question", "options"),
-    "scienceqa": ("context", "question", "options"),
-    "vsr": ("caption",),                 # the spatial statement to judge true or false
-    "visdial": ("context", "question"),  # context = the dialog history
-    "hateful_memes": ("ocr_tokens",),    # the text written on the meme
-})
-
-RECORD_KEYS = ("image", "instruction", "answer", "dataset")
+# Evaluation data fields that fill a prompt slot, first non-empty wins ("text" is the question or a meme's text).
+_SLOT_FIELDS = {"question": ("question", "text"), "ocr_tokens": ("ocr_tokens", "text"),
+                "options": ("options", "candidates"), "caption": ("caption", "text")}
+_OPTIONAL_PART = re.compile(r"\[([^\[\]]*)\]")
 
 
 def category_of(dataset: str) -> str:
@@ -169,24 +169,61 @@ def make_instruction_record(
             "dataset": dataset}
 
 
+def _slot_names(prompt: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(prompt) if name]
+
+
+def _alternatives(name: str) -> str:
+    """"'question' (or 'text')": a slot's field and its aliases, for error messages."""
+    first, *others = _SLOT_FIELDS.get(name, (name,))
+    return repr(first) + (f" (or {', '.join(map(repr, others))})" if others else "")
+
+
 def eval_prompt(dataset: str, example: Mapping[str, Any] | None = None) -> str:
     """The zero-shot evaluation prompt of a held-out dataset, its slots filled from `example`.
 
+    Slots take the first non-empty of their fields (question|text, ocr_tokens|text, options|candidates,
+    caption|text, context); a list is joined by ", ". ScienceQA's "Context:" part is left out without a context.
+
     >>> eval_prompt("textvqa", {"ocr_tokens": ["stop", "ahead"], "question": "What does the sign say?"})
     'OCR tokens: stop, ahead. Question: What does the sign say? Short answer:'
+    >>> eval_prompt("scienceqa", {"question": "Which is a mammal?", "options": ["cat", "frog"]})
+    'Question: Which is a mammal? Options: cat, frog. Answer:'
     """
     if dataset not in EVAL_PROMPTS:
         raise ValueError(f"dataset: expected a held-out dataset {list(EVAL_PROMPTS)}, got {dataset!r}")
     example = {} if example is None else example
     if not isinstance(example, Mapping):
         raise TypeError(f"example: expected a dict, got {type(example).__name__}")
-    slots = EVAL_PROMPT_SLOTS[dataset]
-    values = [_required(example, field, dataset) for field in slots]
-    return EVAL_PROMPTS[dataset].format(*values)
+    prompt = EVAL_PROMPTS[dataset]
+    values = {}
+    for name in _slot_names(prompt):  # "[" and "]" are plain text to the parser
+        texts = (_text(example, field) for field in _SLOT_FIELDS.get(name, (name,)))
+        values[name] = next((text for text in texts if text is not None), None)
+    # An optional part goes, brackets and all, when a field in it is missing (no empty "Context:", no double space).
+    prompt = _OPTIONAL_PART.sub(lambda m: m[1] if all(values[n] is not None for n in _slot_names(m[1])) else "", prompt)
+    missing = [_alternatives(name) for name in _slot_names(prompt) if values[name] is None]
+    if missing:
+        raise ValueError(f"example: the {dataset!r} prompt is missing the field(s) {', '.join(missing)}; "
+                         f"got fields {sorted(example)}")
+    return prompt.format(**values)
+
+
+def generation_preset(preset: str, *, sample: bool = False) -> dict[str, Any]:
+    """LAVIS's `generate` defaults as transformers `generate` keywords: "lavis" (captions, long answers) or "short"
+    (the short-answer VQA preset). Beam search unless `sample`, which adds LAVIS's nucleus sampling (top_p).
+
+    >>> generation_preset("short")
+    {'num_beams': 5, 'max_new_tokens': 10, 'min_new_tokens': 1, 'length_penalty': -1.0, 'do_sample': False}
+    """
+    if preset not in GENERATION_PRESETS:
+        raise ValueError(f"`preset` must be one of {list(GENERATION_PRESETS)}, found {preset!r}.")
+    nucleus = _DATA["nucleus_sampling"] if sample else {}
+    return {**_DATA["generation_presets"][preset], "do_sample": sample, **nucleus}
 
 
 __all__ = [
-    "CATEGORIES", "DATASETS", "EVAL_PROMPTS", "EVAL_PROMPT_SLOTS", "FAMILIES", "HELD_IN", "HELD_OUT",
-    "INSTRUCTION_FAMILY", "RECORD_KEYS", "TEMPLATES", "category_of", "eval_prompt", "make_instruction_record",
-    "template_family", "templates_for",
+    "CATEGORIES", "DATASETS", "EVAL_PROMPTS", "FAMILIES", "GENERATION_PRESETS", "HELD_IN", "HELD_OUT",
+    "HELD_OUT_METRICS", "INSTRUCTION_FAMILY", "RANKING_DATASETS", "TEMPLATES", "category_of", "eval_prompt",
+    "generation_preset", "make_instruction_record", "template_family", "templates_for",
 ]

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation metrics: VQA accuracy, exact match, ROC AUC, MRR and CIDEr-D.
+"""Zero-shot evaluation metrics: VQA and iVQA accuracy, exact match, ROC AUC, MRR and CIDEr-D.
 
 Plain Python + numpy, no Java: answers and captions are compared as strings, scores as floats. Every
 function returns a fraction in [0, 1] (CIDEr-D: its usual 0-10 scale), never a percentage.
@@ -117,6 +117,20 @@ def vqa_accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]
     """Mean `vqa_example_accuracy` over examples; `references[i]` holds example i's human answers."""
     _check_pairs(predictions, references)
     return float(np.mean([vqa_example_accuracy(p, r) for p, r in zip(predictions, references)]))
+
+
+def ivqa_accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """iVQA accuracy (Yang et al., 2021): per example min(#annotators who gave the prediction / 2, 1), after
+    `normalize_vqa_answer` on both sides; the mean over examples.
+
+    Example:
+        >>> ivqa_accuracy(["Two", "3"], [["2", "two", "3"], ["3", "4"]])
+        0.75
+    """
+    _check_pairs(predictions, references)
+    matches = [sum(normalize_vqa_answer(a) == normalize_vqa_answer(p) for a in answers)
+               for p, answers in zip(predictions, references)]
+    return float(np.mean([min(m / 2, 1.0) for m in matches]))
 
 
 def exact_match_accuracy(

@@ -5,21 +5,29 @@ With the vision encoder frozen (InstructBLIP's recipe) and a deterministic image
 At the official shapes the ViT-g forward is a large share of a Q-Former-only training step, and it is pure
 recomputation from the second epoch on.
 
-Records name their image with an integer `image_id` (the collator turns them into `image_ids`); the model looks
-each id up and runs the vision encoder only on the misses. An id must name one image across everything the model
-sees, and its *preprocessed* pixels must not change: with random augmentation, do not enable the cache.
+Records name their image with an integer `image_id` (the collator turns them into `image_ids`); the cache looks
+each id up, runs the vision encoder only on the misses, and hands the model `image_embeds` in place of
+`pixel_values`. The model itself stays stateless: the cache belongs to whoever calls it (`InstructBlipTrainer`,
+or your own loop through `model_inputs`). An id must name one image across everything the model sees, and its
+*preprocessed* pixels must not change: with random augmentation, do not use the cache.
 
 Example:
-    >>> cache = model.enable_vision_feature_cache()  # features kept on the CPU by default
+    >>> cache = VisionFeatureCache()  # features kept on the CPU by default
+    >>> trainer = InstructBlipTrainer(model, args, train_dataset=records, data_collator=collator,
+    ...                               vision_feature_cache=cache)
     >>> trainer.train()  # batches carry `image_ids`; epoch 2 on runs no vision encoder
     >>> cache.hits, cache.misses, len(cache)
+    >>> model.generate(**cache.model_inputs(model, batch))  # the same lookup outside the trainer
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+from torch import nn
+
+from ..model.vision_encoder import check_pixel_values
 
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -48,6 +56,32 @@ class VisionFeatureCache:
     def clear(self) -> None:
         self._entries.clear()
         self.hits = self.misses = 0
+
+    def model_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """`inputs` with `image_ids` and `pixel_values` replaced by the cached `image_embeds` of the model's vision
+        encoder (encoded now where missing); inputs without `image_ids` are returned without them, unchanged."""
+        inputs = dict(inputs)
+        image_ids = inputs.pop("image_ids", None)
+        if image_ids is None:
+            return inputs
+        vision_model = model.vision_model
+        dropout = vision_model.training and vision_model.config.attention_dropout > 0
+        if dropout or any(p.requires_grad for p in vision_model.parameters()):
+            raise ValueError("The vision feature cache needs a frozen vision encoder without dropout (its features "
+                             "must not change): freeze it and keep it in eval mode (freeze_for_instruction_tuning "
+                             "does both), or train without the cache.")
+        interpolate = inputs.get("interpolate_pos_encoding", False)
+        pixel_values = inputs.pop("pixel_values", None)
+        if pixel_values is None:
+            raise ValueError("`image_ids` come without `pixel_values`: the cache encodes the pixels of new ids.")
+        check_pixel_values(pixel_values, vision_model.config.image_size, interpolate)
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            return vision_model(pixels, interpolate_pos_encoding=interpolate).last_hidden_state
+
+        with torch.no_grad():
+            inputs["image_embeds"] = self.features(image_ids, pixel_values, encode)  # [B, N, D_vision]
+        return inputs
 
     def features(
         self,

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .processing import to_rgb_images
+from ..model.processing import pad_right, prepend_image_placeholders
 
 IGNORE_INDEX = -100  # label value the loss skips
 
@@ -42,6 +42,9 @@ def _check_records(records: Sequence[Any]) -> None:
             if not isinstance(record[field], str):
                 raise TypeError(f"record {index}: field '{field}' must be a str, "
                                 f"found {type(record[field]).__name__}.")
+        if not record["answer"].strip():
+            raise ValueError(f"record {index}: field 'answer' is empty; there is nothing to learn but the end of "
+                             "the sequence. Drop the record or give it an answer.")
 
 
 def _optional_field(records: Sequence[Mapping], field: str, kind: type, kind_name: str) -> list | None:
@@ -64,18 +67,6 @@ def _tokenizer_adds_bos(tokenizer: Any) -> bool:
     """Whether encoding with special tokens starts with bos (Llama-style) or not (GPT-2 style, T5)."""
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
-
-
-def _pad_right(rows: list[list[int]], pad_id: int, fill: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id lists to the longest: `(ids [B, L], mask [B, L])`; `fill` overrides the pad value."""
-    length = max(len(row) for row in rows)
-    value = pad_id if fill is None else fill
-    ids = torch.full((len(rows), length), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 @dataclass
@@ -114,7 +105,8 @@ class InstructBlipDataCollator:
     add_bos: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tokenizer", "qformer_tokenizer", "image_processor", "num_query_tokens", "image_token_id"):
+        for name in ("tokenizer", "qformer_tokenizer", "image_processor", "num_query_tokens", "image_token_id",
+                     "qformer_text", "preprocess_images"):
             if getattr(self.processor, name, None) is None:
                 raise TypeError(f"`processor` must provide `{name}` (an InstructBlipProcessor does); "
                                 f"found {type(self.processor).__name__} without it.")
@@ -159,39 +151,31 @@ class InstructBlipDataCollator:
             specials = [tokenizer.eos_token_id]  # T5 encoder input ends with eos (appended after the prompt)
         budget = max(self.max_input_length - len(specials), 0)
         ids = self._encode(instruction, index, "instruction")
-        return specials, ids[len(ids) - budget:] if budget else []
+        return specials, ids[max(len(ids) - budget, 0):] if budget else []  # the last `budget` tokens
 
     def _answer_ids(self, answer: str, index: int) -> list[int]:
         """Answer ids right-truncated to `max_output_length - 1`, then eos (always kept)."""
         ids = self._encode(answer, index, "answer")[: self.max_output_length - 1]
         return ids + [self.processor.tokenizer.eos_token_id]
 
-    def _qformer_ids(self, instruction: str) -> list[int]:
-        """Q-Former ids with the tokenizer's own specials; left truncation drops text, never specials."""
-        encoded = self.processor.qformer_tokenizer(instruction, return_special_tokens_mask=True)
-        ids, special = encoded["input_ids"], encoded["special_tokens_mask"]
-        excess = len(ids) - self.qformer_max_length
-        if excess <= 0:
-            return ids
-        text_positions = [i for i, is_special in enumerate(special) if not is_special]
-        dropped = set(text_positions[:excess])  # the oldest text tokens go first
-        return [token for i, token in enumerate(ids) if i not in dropped]
-
     # --- one record -> id lists -----------------------------------------------------------------------------
     def _decoder_only_rows(self, record: Mapping, index: int) -> tuple[list[int], list[int]]:
         """`(input ids, labels)` for `[image x Q][bos][prompt][answer eos]`."""
         bos, prompt = self._prompt_ids(record["instruction"], index)
         answer = self._answer_ids(record["answer"], index)
-        image = [self.processor.image_token_id] * self.processor.num_query_tokens
         prompt_labels = prompt if self.train_on_prompt else [IGNORE_INDEX] * len(prompt)
-        labels = [IGNORE_INDEX] * (len(image) + len(bos)) + prompt_labels + answer
-        return image + bos + prompt + answer, labels
+        labels = self._with_image([[IGNORE_INDEX] * len(bos) + prompt_labels + answer], IGNORE_INDEX)
+        return self._with_image([bos + prompt + answer])[0], labels[0]
 
     def _encoder_decoder_rows(self, record: Mapping, index: int) -> tuple[list[int], list[int]]:
         """`(encoder ids, labels)` for encoder `[image x Q][prompt][eos]`, labels `[answer eos]`."""
         eos, prompt = self._prompt_ids(record["instruction"], index)
-        image = [self.processor.image_token_id] * self.processor.num_query_tokens
-        return image + prompt + eos, self._answer_ids(record["answer"], index)
+        return self._with_image([prompt + eos])[0], self._answer_ids(record["answer"], index)
+
+    def _with_image(self, rows: list[list[int]], fill: int | None = None) -> list[list[int]]:
+        """`rows` behind the image placeholders (or as many `fill` values: labels)."""
+        token = self.processor.image_token_id if fill is None else fill
+        return prepend_image_placeholders(rows, token, self.processor.num_query_tokens)
 
     # --- batch ----------------------------------------------------------------------------------------------
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -199,19 +183,15 @@ class InstructBlipDataCollator:
         rows = self._decoder_only_rows if self.decoder_only else self._encoder_decoder_rows
         inputs, labels = zip(*(rows(record, i) for i, record in enumerate(records)))
         pad_id = self.processor.tokenizer.pad_token_id
-        input_ids, attention_mask = _pad_right(list(inputs), pad_id)  # [B, L]; right padding for training
-        label_ids, _ = _pad_right(list(labels), pad_id, fill=IGNORE_INDEX)  # [B, L] (T5: [B, L_answer])
-        qformer_ids, qformer_mask = _pad_right(
-            [self._qformer_ids(record["instruction"]) for record in records],
-            self.processor.qformer_tokenizer.pad_token_id,
-        )
-        pixel_values = self.processor.image_processor(  # RGB PIL first, exactly as the processor at inference
-            images=to_rgb_images([record["image"] for record in records]), return_tensors="pt"
-        )["pixel_values"]  # [B, 3, H, W]
+        input_ids, attention_mask = pad_right(list(inputs), pad_id)  # [B, L]; right padding for training
+        label_ids, _ = pad_right(list(labels), IGNORE_INDEX)  # [B, L] (T5: [B, L_answer])
+        qformer = self.processor.qformer_text([record["instruction"] for record in records],
+                                              max_length=self.qformer_max_length)  # left truncated, right padded
+        pixel_values = self.processor.preprocess_images([record["image"] for record in records])  # [B, 3, H, W]
         batch = {
             "pixel_values": pixel_values,
-            "qformer_input_ids": qformer_ids,
-            "qformer_attention_mask": qformer_mask,
+            "qformer_input_ids": torch.tensor(qformer["qformer_input_ids"]),
+            "qformer_attention_mask": torch.tensor(qformer["qformer_attention_mask"]),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": label_ids,

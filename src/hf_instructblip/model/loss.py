@@ -1,4 +1,9 @@
-"""Cross-entropy through a frozen LM head without materialising the `[N, vocab]` logits.
+"""The language-modelling loss: per-token cross-entropy, its normalisation, and the fused frozen-head path.
+
+One rule aligns labels everywhere (`align_labels`): a decoder-only LLM's position t predicts label t + 1, an
+encoder-decoder LLM's decoder position t predicts label t.
+
+Fused path: cross-entropy through a frozen LM head without materialising the `[N, vocab]` logits.
 
 Training with a frozen LLM, the LM head is the widest layer left in the step: transformers builds the logits,
 keeps their log-softmax for backward, then allocates two gradients of that size (three `[N, V]` float tensors
@@ -19,10 +24,44 @@ Example:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+def target_labels(labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """The labels that are scored: with `shift` (decoder-only LLMs) the first has no position predicting it."""
+    return labels[:, 1:] if shift else labels
+
+
+def align_labels(scores: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(scores, labels)` position by position: with `shift` position t scores label t + 1, so the last score
+    drops out too. `scores` is `[B, L, ...]` (logits or hidden states)."""
+    return (scores[:, :-1] if shift else scores), target_labels(labels, shift)
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Float32 cross-entropy per label position, 0 where the label is -100: `[B, L]` (`[B, L - 1]` with `shift`)."""
+    logits, labels = align_labels(logits, labels.to(logits.device), shift)
+    losses = nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+    )
+    return losses.view(labels.shape)
+
+
+def per_item(total: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+    """`total / num_items_in_batch`, or over the labelled (not -100) entries of the already aligned `labels`.
+
+    `Trainer` passes `num_items_in_batch` = labelled tokens across all accumulated micro-batches, which makes
+    gradient accumulation exact; without it this is the mean over this batch's labelled tokens. A count of 0
+    (every label -100) divides by 1: the loss is then 0 with zero gradients, not NaN that would poison a run.
+    """
+    if num_items_in_batch is None:
+        num_items_in_batch = (labels != -100).sum()
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return total / num_items_in_batch.to(total.device).clamp(min=1)
+    return total / max(num_items_in_batch, 1)
+
 
 # LLM architectures whose forward ends with `logits = lm_head(hidden)`: nothing (soft-capping, scaling) after it.
 HEAD_IS_LAST_LAYER = frozenset({"llama", "mistral", "qwen2", "opt", "t5", "mt5"})
@@ -118,7 +157,7 @@ def head_loss_instead_of_logits(
         hidden = args[0]  # [B, L, D]
         if not _usable_here(module, hidden):
             return None
-        aligned_hidden, aligned_labels = (hidden[:, :-1], labels[:, 1:]) if shift else (hidden, labels)
+        aligned_hidden, aligned_labels = align_labels(hidden, labels, shift)
         result["token_losses"] = frozen_head_cross_entropy(aligned_hidden, module.weight, module.bias, aligned_labels)
         return (hidden[:, :0],)  # [B, 0, D]: the LLM's own logits come out empty
 
@@ -127,3 +166,37 @@ def head_loss_instead_of_logits(
         yield
     finally:
         handle.remove()
+
+
+def _fusable(llm: nn.Module) -> bool:
+    """Whether `llm`'s loss may be taken through its LM head without logits (its weights are checked again at call
+    time: `_usable_here`)."""
+    return llm.config.model_type in HEAD_IS_LAST_LAYER and head_is_plain_linear(llm.get_output_embeddings())
+
+
+def language_model_loss(
+    llm: nn.Module,
+    llm_inputs: dict[str, Any],
+    labels: torch.Tensor,
+    shift: bool,
+    num_items_in_batch: int | torch.Tensor | None,
+    fused: bool,
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Run `llm` on `llm_inputs` and score `labels`: `(outputs, loss, token_losses)`.
+
+    `fused`: take the loss through the frozen head (where it can, else from the logits) and drop the logits from
+    `outputs`, so whether `outputs.logits` is None depends on `fused` alone.
+    """
+    result: dict[str, torch.Tensor] = {}
+    if fused and _fusable(llm):
+        with head_loss_instead_of_logits(llm.get_output_embeddings(), labels, shift, result):
+            outputs = llm(**llm_inputs, return_dict=True)
+    else:
+        outputs = llm(**llm_inputs, return_dict=True)
+    token_losses = result.get("token_losses")
+    if token_losses is None:  # not fused, or the head's weights were not usable in place
+        token_losses = token_cross_entropy(outputs.logits, labels, shift)
+    if fused:
+        outputs.logits = None
+    loss = per_item(token_losses.sum(), target_labels(labels, shift), num_items_in_batch)
+    return outputs, loss, token_losses.detach()

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
+from ..model.processing import pad_right
+
 REDUCTIONS = ("sum", "mean")
 
 
@@ -93,7 +95,7 @@ def rank_candidates(
         pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding
     ).pooler_output  # [B, Q, D_llm]
     # [B, L, D_llm]: placeholders checked and filled; an encoder-decoder LLM gets its padding moved to the row ends
-    embeds, attention_mask = model._llm_inputs(input_ids, None, attention_mask.to(features.device), features)
+    embeds, attention_mask = model.prepare_llm_inputs(input_ids, features, attention_mask)
     if model.config.use_decoder_only_language_model:
         sums, lengths = _decoder_only_log_likelihoods(model.language_model, embeds, attention_mask, candidate_ids,
                                                       candidate_batch_size)
@@ -145,17 +147,6 @@ def _one_candidate(option, name: str, tokenizer, add_eos: bool) -> list[int]:
     return ids
 
 
-def _pad_right(sequences: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad with 0 (a valid id; padded positions are masked out). Returns ids and mask, both `[N, T]`."""
-    length = max(len(s) for s in sequences)
-    ids = torch.zeros(len(sequences), length, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long, device=device)
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
 def _chunks(items: list, size: int | None) -> Iterator[list]:
     size = size or len(items)
     for start in range(0, len(items), size):
@@ -198,7 +189,7 @@ def _decoder_only_log_likelihoods(
         example_sums = []
         parts = list(_chunks(options, chunk))
         for k, part in enumerate(parts):
-            ids, mask = _pad_right(part, prompt.device)  # [C, T]
+            ids, mask = pad_right(part, 0, prompt.device)  # [C, T]
             # The forward appends to the cache in place: the last chunk may consume the prompt's own cache.
             cache = prompt_cache if k == len(parts) - 1 else copy.deepcopy(prompt_cache)
             cache.batch_repeat_interleave(len(part))  # [1, ...] -> [C, ...] per layer
@@ -223,7 +214,7 @@ def _encoder_decoder_log_likelihoods(
     flat = []
     for part in _chunks(pairs, chunk):
         rows = torch.tensor([i for i, _ in part], device=embeds.device)
-        targets, mask = _pad_right([ids for _, ids in part], embeds.device)  # [N, T]
+        targets, mask = pad_right([ids for _, ids in part], 0, embeds.device)  # [N, T]
         decoder_input_ids = llm.prepare_decoder_input_ids_from_labels(labels=targets.masked_fill(mask == 0, -100))
         out = llm(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states[rows]),
                   attention_mask=attention_mask[rows], decoder_input_ids=decoder_input_ids, use_cache=False,

@@ -8,56 +8,19 @@ relative to the file's folder. Every example becomes ``{"image": PIL image, "ins
 
 from __future__ import annotations
 
-import io
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
+from ..json_lines import read_json_lines
+from ..model.images import load_image
 from .collator import InstructBlipDataCollator
 from .sampler import BalancedConcatSampler
-from .templates import make_instruction_record, template_family
-
-
-def read_json_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file (blank lines skipped); errors name the file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: expected one JSON object per line ({error})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
-def load_image(image: Any, root: str | os.PathLike | None = None) -> Image.Image:
-    """An RGB PIL image from a PIL image, a path (relative to `root`) or a `datasets` {"bytes", "path"} dict."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, Mapping) and (image.get("bytes") or image.get("path")):
-        # `datasets.Image(decode=False)` rows: bytes when embedded, else a path.
-        return load_image(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"], root)
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(root, image) if root is not None else Path(image)
-        if not path.is_file():
-            raise ValueError(f"image: file not found: {path}")
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    if isinstance(image, io.BytesIO):
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    raise TypeError(f"image: expected a PIL image, a path or a {{'bytes', 'path'}} dict, got {type(image).__name__}")
+from ..templates import make_instruction_record, template_family
 
 
 @dataclass(frozen=True)

@@ -88,8 +88,6 @@ class InstructBlipConfig(PretrainedConfig):
     """Composite config: vision encoder + Q-Former + any Hugging Face LLM (`text_config`).
 
     `instruction_aware=False` gives the paper's ablation (BLIP-2 style: the Q-Former sees only the queries).
-    `fused_head_loss=True`: a training forward with `labels` and a frozen LM head takes the loss through the head
-    in chunks and returns no logits (less memory, same loss); set False to get the logits in training.
     Reads the official `Salesforce/instructblip-*` `config.json` files (`model_type="instructblip"`) as is.
 
     Example:
@@ -117,7 +115,6 @@ class InstructBlipConfig(PretrainedConfig):
     num_query_tokens: int = 32
     image_token_index: int | None = None
     instruction_aware: bool = True
-    fused_head_loss: bool = True
     initializer_factor: float = 1.0
     initializer_range: float = 0.02
 
@@ -128,6 +125,7 @@ class InstructBlipConfig(PretrainedConfig):
         # Cross-attention keys/values are read from the vision features: their width is the vision width.
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
         kwargs.pop("use_decoder_only_language_model", None)  # derived, see the property
+        kwargs.pop("fused_head_loss", None)  # written by 0.1 configs; now a training-time choice (forward / Trainer)
         super().__post_init__(**kwargs)
         # Mirrors the LLM, so tools that ask (e.g. `Trainer` counting label tokens for `num_items_in_batch`: every
         # label is a target for T5, while decoder-only labels are shifted) treat a T5-backed model correctly.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
@@ -22,91 +21,11 @@ from transformers.processing_utils import ImagesKwargs
 from transformers.tokenization_utils_base import AddedToken
 
 from .configuration import InstructBlipConfig
+from .images import to_rgb_images
 
 DEFAULT_IMAGE_TOKEN = "<image>"
 QFORMER_MAX_LENGTH = 128  # LAVIS `max_txt_len` for the Q-Former instruction
 _IMAGE_KWARGS = frozenset(ImagesKwargs.__annotations__) - {"return_tensors"}
-_CHANNEL_COUNTS = (1, 3, 4)  # grey, RGB, RGBA
-
-
-# --- images -------------------------------------------------------------------------------------------
-def _rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparency is composited onto white (as transformers' `convert_to_rgb`)."""
-    if image.mode == "RGB":
-        return image
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _channels_last(array: np.ndarray, channels_first: bool, where: str) -> np.ndarray:
-    """`[H, W]`, `[H, W, C]` or `[C, H, W]` (C in 1, 3, 4) -> `[H, W, C]`; `channels_first` breaks ties."""
-    if array.ndim == 2:
-        return array[:, :, None]
-    if array.ndim != 3:
-        raise ValueError(f"`{where}` must have 2 or 3 dimensions (HW, HWC or CHW), found shape {list(array.shape)}.")
-    first, last = array.shape[0] in _CHANNEL_COUNTS, array.shape[-1] in _CHANNEL_COUNTS
-    if first and (channels_first or not last):
-        return np.moveaxis(array, 0, -1)
-    if last:
-        return array
-    raise ValueError(
-        f"`{where}` must hold 1, 3 or 4 channels first (CHW) or last (HWC), found shape {list(array.shape)}."
-    )
-
-
-def _array_to_pil(array: np.ndarray, channels_first: bool, where: str) -> Image.Image:
-    """uint8 (0-255) or float (0-1) array -> RGB PIL image. Floats are quantised to 8 bits, which is also what
-    transformers' PIL backend does when it resizes them."""
-    hwc = _channels_last(array, channels_first, where)
-    if hwc.dtype == np.uint8:
-        pixels = hwc
-    elif np.issubdtype(hwc.dtype, np.floating):
-        low, high = (float(hwc.min()), float(hwc.max())) if hwc.size else (0.0, 0.0)
-        if low < 0.0 or high > 1.0:
-            raise ValueError(
-                f"Float image `{where}` must hold values in [0, 1], found [{low:.3g}, {high:.3g}]; "
-                "pass uint8 for 0-255 pixel values."
-            )
-        pixels = np.round(hwc * 255.0).astype(np.uint8)
-    else:
-        raise TypeError(f"`{where}` must be uint8 or float, found dtype {hwc.dtype}.")
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}[pixels.shape[-1]]
-    return Image.fromarray(pixels[:, :, 0] if mode == "L" else np.ascontiguousarray(pixels), mode=mode)
-
-
-def _to_rgb_image(image: Any, where: str) -> Image.Image:
-    """One image (PIL, numpy or torch) -> a non-empty RGB PIL image."""
-    if isinstance(image, Image.Image):
-        pil = image
-    elif isinstance(image, torch.Tensor):
-        pil = _array_to_pil(image.detach().cpu().numpy(), channels_first=True, where=where)
-    elif isinstance(image, np.ndarray):
-        pil = _array_to_pil(image, channels_first=False, where=where)
-    else:
-        kind = type(image).__name__
-        raise TypeError(f"`{where}` must be a PIL image, a numpy array or a torch tensor, found {kind}.")
-    if pil.width == 0 or pil.height == 0:
-        raise ValueError(f"`{where}` is empty: found a {pil.width}x{pil.height} image.")
-    return _rgb(pil)
-
-
-def to_rgb_images(images: Any) -> list[Image.Image]:
-    """One image, a list of images or a batch array/tensor `[B, ...]` -> a list of RGB PIL images.
-
-    Example:
-        >>> to_rgb_images(np.zeros((2, 3, 8, 8), dtype=np.float32))[0].size
-        (8, 8)
-    """
-    batched_array = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
-    if batched_array or isinstance(images, (list, tuple)):
-        items = list(images)
-    else:
-        items = [images]
-    if not items:
-        raise ValueError("`images` is empty: pass at least one image.")
-    return [_to_rgb_image(image, f"images[{i}]") for i, image in enumerate(items)]
 
 
 # --- text ---------------------------------------------------------------------------------------------
@@ -124,8 +43,21 @@ def _as_texts(text: Any) -> list[str]:
     return list(text)
 
 
-def _prepend(rows: list[list[int]], prefix: list[int]) -> list[list[int]]:
-    return [prefix + row for row in rows]
+def prepend_image_placeholders(rows: list[list[int]], image_token_id: int, num_query_tokens: int) -> list[list[int]]:
+    """The image layout, in one place: `num_query_tokens` placeholders in front of every row of ids (before BOS and
+    before any left padding, as transformers and LAVIS lay them out); the model swaps them for image features."""
+    return [[image_token_id] * num_query_tokens + row for row in rows]
+
+
+def pad_right(rows: list[list[int]], value: int, device: torch.device | str | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id rows with `value` to the longest: `(ids [B, L], mask [B, L])`, long tensors."""
+    ids = torch.full((len(rows), max(len(row) for row in rows)), value, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+        mask[i, : len(row)] = 1
+    return ids, mask
 
 
 # --- the processor ------------------------------------------------------------------------------------
@@ -213,12 +145,14 @@ class HfInstructBlipProcessor(ProcessorMixin):
         encoding = self.tokenizer(texts, max_length=max_length, return_token_type_ids=False, **tokenizer_kwargs)
         ids, mask = encoding["input_ids"], encoding["attention_mask"]
         return {
-            "input_ids": _prepend(ids, [self.image_token_id] * placeholders),  # [B, Q + L]
-            "attention_mask": _prepend(mask, [1] * placeholders),
+            "input_ids": prepend_image_placeholders(ids, self.image_token_id, placeholders),  # [B, Q + L]
+            "attention_mask": prepend_image_placeholders(mask, 1, placeholders),
         }
 
-    def _qformer_text(self, texts: list[str], padding: Any, max_length: int) -> dict:
-        """Instructions -> `qformer_input_ids` / `qformer_attention_mask`: left truncated, right padded."""
+    def qformer_text(self, texts: list[str], padding: Any = "longest", max_length: int | None = None) -> dict:
+        """Instructions -> `qformer_input_ids` / `qformer_attention_mask` (lists of rows): the Q-Former tokenizer's
+        specials kept, text left truncated to `max_length` (default `qformer_max_length`), right padded."""
+        max_length = max_length or self.qformer_max_length
         if padding != "max_length":  # pad to `max_length` only when asked; else to the longest row, if at all
             padding = False if padding in (False, None, "do_not_pad") else "longest"
         encoding = self.qformer_tokenizer(
@@ -265,7 +199,7 @@ class HfInstructBlipProcessor(ProcessorMixin):
             )
             qformer_limit = qformer_max_length or self.qformer_max_length
             # The Q-Former always reads `[CLS] text [SEP]`, as in training: `add_special_tokens` is for the LLM.
-            encoding.update(self._qformer_text(texts, padding, qformer_limit))
+            encoding.update(self.qformer_text(texts, padding, qformer_limit))
             encoding.update(self._llm_text(texts, pil_images is not None, tokenizer_kwargs, max_length))
         if pil_images is not None:
             encoding["pixel_values"] = self._pixel_values(pil_images, return_tensors, images_kwargs)

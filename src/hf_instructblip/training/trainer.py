@@ -8,6 +8,9 @@ What it changes, and why:
   mirrors the LLM's: for T5 every label is a target).
 - `train_sampler`: any `torch.utils.data.Sampler` (e.g. the balanced mixture sampler) drives the train loader.
 - records named by `dataset` get per-dataset sample counts and loss in the logs.
+- `fused_head_loss=True` (default): training forwards take the loss through the frozen LM head without keeping
+  `[tokens, vocab]` logits (`model/loss.py`); evaluation forwards keep their logits for `compute_metrics`.
+- `vision_feature_cache`: a `VisionFeatureCache` that encodes each image (named by `image_id`) once.
 - saving: the full model by default (loadable with `from_pretrained`); `save_trainable_only=True` writes only
   the trained weights (`instructblip_trainable.safetensors`, see `load_trainable_weights`). PEFT runs always
   write that file next to the adapter, since the Q-Former is not part of the adapter.
@@ -32,9 +35,11 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
+from ..model.loss import target_labels
 from .collator import IGNORE_INDEX, InstructBlipDataCollator
 from .freezing import TRAINABLE_WEIGHTS_NAME, instructblip_base, load_trainable_weights, save_trainable_weights
 from .sampler import SamplerEpochCallback
+from .vision_cache import VisionFeatureCache
 
 
 def _is_peft_model(model: torch.nn.Module) -> bool:
@@ -56,6 +61,10 @@ class InstructBlipTrainer(Trainer):
             None -> `Trainer`'s default (random) sampler.
         save_trainable_only: save only the trained weights (`instructblip_trainable.safetensors`) instead of
             the full model; load them with `load_trainable_weights(base_model, checkpoint_dir)`.
+        fused_head_loss: pass `fused_head_loss=True` to training forwards (less memory, same loss; see the model's
+            `forward`). False: the stock behaviour, logits included.
+        vision_feature_cache: look batches' `image_ids` up in this cache and hand the model `image_embeds`
+            (frozen vision encoder only). Without it, `image_ids` are dropped.
 
     Example:
         >>> freeze_for_instruction_tuning(model)
@@ -66,14 +75,21 @@ class InstructBlipTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, train_sampler: Sampler | None = None, save_trainable_only: bool = False,
+                 fused_head_loss: bool = True, vision_feature_cache: VisionFeatureCache | None = None,
                  **kwargs: Any) -> None:
         if train_sampler is not None and not isinstance(train_sampler, Sampler):
             raise TypeError(f"`train_sampler` must be a torch.utils.data.Sampler or None, "
                             f"found {type(train_sampler).__name__}.")
-        if not isinstance(save_trainable_only, bool):
-            raise TypeError(f"`save_trainable_only` must be a bool, found {type(save_trainable_only).__name__}.")
+        for name, value in (("save_trainable_only", save_trainable_only), ("fused_head_loss", fused_head_loss)):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be a bool, found {type(value).__name__}.")
+        if vision_feature_cache is not None and not isinstance(vision_feature_cache, VisionFeatureCache):
+            raise TypeError(f"`vision_feature_cache` must be a VisionFeatureCache or None, "
+                            f"found {type(vision_feature_cache).__name__}.")
         self.train_sampler = train_sampler
         self.save_trainable_only = save_trainable_only
+        self.fused_head_loss = fused_head_loss
+        self.vision_feature_cache = vision_feature_cache
         self._dataset_samples: dict[str, int] = defaultdict(int)  # cumulative, per dataset name
         self._dataset_loss: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # since last log: sum, tokens
         self._pending_loss: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []  # on device until a log step
@@ -126,9 +142,12 @@ class InstructBlipTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """`Trainer.compute_loss` after removing the `dataset` names, which are recorded for the logs."""
-        inputs = dict(inputs)
+        """`Trainer.compute_loss` after removing the `dataset` names, which are recorded for the logs, and looking
+        `image_ids` up in the vision feature cache."""
+        inputs = self._model_inputs(model, inputs)
         names = inputs.pop("dataset", None)
+        if model.training and self.fused_head_loss and "labels" in inputs:
+            inputs["fused_head_loss"] = True
         if names is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -139,12 +158,20 @@ class InstructBlipTrainer(Trainer):
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
         """`Trainer.prediction_step` without the `dataset` names (the model does not take them)."""
-        return super().prediction_step(model, {k: v for k, v in inputs.items() if k != "dataset"}, *args, **kwargs)
+        inputs = {k: v for k, v in self._model_inputs(model, inputs).items() if k != "dataset"}
+        return super().prediction_step(model, inputs, *args, **kwargs)
+
+    def _model_inputs(self, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """`image_ids` -> cached `image_embeds` with a cache; dropped without one (the model does not take them)."""
+        if self.vision_feature_cache is None:
+            return {k: v for k, v in inputs.items() if k != "image_ids"}
+        base = instructblip_base(self.accelerator.unwrap_model(model))
+        return self.vision_feature_cache.model_inputs(base, inputs)
 
     def _record(self, names: list[str], token_losses: torch.Tensor, labels: torch.Tensor) -> None:
         """Per-dataset sample counts now; per-row loss sums and token counts `[B]` stay on the device until the
         next log (reading them every step would sync the host, which `Trainer` itself avoids)."""
-        counts = ((labels[:, 1:] if self._shift else labels) != IGNORE_INDEX).sum(dim=1)  # [B] labelled tokens
+        counts = (target_labels(labels, self._shift) != IGNORE_INDEX).sum(dim=1)  # [B] labelled tokens
         self._pending_loss.append((names, token_losses.sum(dim=1), counts))
         for name in names:
             self._dataset_samples[name] += 1

@@ -1,0 +1,319 @@
+"""Zero-shot evaluation runner: the paper's prompt per held-out task, generation or candidate ranking, metrics.
+
+`evaluate(model, processor, records, task, ...)` runs one held-out task over records (dicts, e.g. from
+`load_records`; see `tasks` for the fields): it fills the task's evaluation prompt, then either generates a short
+answer / caption in batches (left padded; the model moves an encoder-decoder LLM's padding to the row ends) or
+ranks each record's candidate answers by log-likelihood (`rank_candidates`). Every batch is appended to a
+JSON-lines predictions file and flushed, so an interrupted run loses nothing, and a rerun skips the ids already
+there; rows made for another prompt or other candidates than the records now give (the data changed) are refused,
+by id, not reused. Metrics are computed from the predictions file once every record has one.
+
+Command line (every argument, the data file and the predictions file are checked before the model loads):
+    python -m hf_instructblip.evaluate --model PATH --data FILE.jsonl --task NAME [--output-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from tqdm.auto import tqdm
+
+from ..json_lines import iter_json_lines
+from ..model.images import load_image
+from .ranking import REDUCTIONS, rank_candidates
+from .tasks import TASKS, Example, TaskSpec, compute_metric, id_key, load_records, prepare_examples, task_spec
+
+# The fields a predictions row needs, by mode: the metric reads them, the resume check compares prompt/candidates.
+ROW_FIELDS = {"generate": ("id", "prompt", "prediction"),
+              "rank": ("id", "prompt", "prediction", "candidates", "scores", "best")}
+
+
+# --- predictions file -----------------------------------------------------------------------------------
+
+def _check_row(row: Mapping[str, Any], task: str, mode: str, where: str) -> None:
+    if row.get("task") != task:
+        raise ValueError(f"{where}: a prediction for task {row.get('task')!r}, not {task!r}; "
+                         "write each task's predictions to its own file.")
+    missing = [field for field in ROW_FIELDS[mode] if field not in row]
+    if missing:
+        raise ValueError(f"{where}: a {mode!r} prediction row needs the fields {list(ROW_FIELDS[mode])}; "
+                         f"missing {missing}, found {sorted(row)}.")
+    if not isinstance(row["prediction"], str):
+        raise ValueError(f"{where}: expected a 'prediction' string, found {row['prediction']!r}.")
+    if mode != "rank":
+        return
+    scores, size = row["scores"], len(row["candidates"]) if isinstance(row["candidates"], list) else -1
+    numbers = isinstance(scores, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores)
+    if not (numbers and len(scores) == size and row["best"] in range(size)):
+        raise ValueError(f"{where}: expected 'scores' (one number per candidate) and 'best' (a candidate index) "
+                         f"for {row['candidates']!r}, found scores {row['scores']!r}, best {row['best']!r}.")
+
+
+def read_predictions(path: str | os.PathLike, task: str) -> dict[str, dict[str, Any]]:
+    """Predictions already written, by id. A last line without its newline (the run was killed while writing) is
+    removed from the file; a malformed row elsewhere (bad JSON, another task, missing fields) raises ValueError
+    naming the file and line.
+
+    Example:
+        >>> read_predictions("eval_results/gqa_predictions.jsonl", "gqa")["1"]["prediction"]
+        'yes'
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1  # a row counts once its newline is written
+    if complete < len(data):  # killed mid-row (or between a row and its newline): drop the tail, recompute it
+        with path.open("r+b") as handle:
+            handle.truncate(complete)
+        line = data.count(b"\n") + 1
+        print(f"{path}: dropped a cut-off last line {line}; it is recomputed.", file=sys.stderr)
+    mode, done = task_spec(task).mode, {}
+    for number, row in iter_json_lines(path):
+        where = f"{path}, line {number}"
+        _check_row(row, task, mode, where)
+        done[id_key(row["id"], where)] = row
+    return done
+
+
+def _check_unchanged(path: Path, done: Mapping[str, Mapping[str, Any]], examples: Sequence[Example]) -> None:
+    """Refuse rows made for other data. Refusing, not recomputing: the file stays append-only, one row per id."""
+    changed = [e.id for e in examples if (row := done.get(id_key(e.id))) is not None
+               and (row["prompt"] != e.prompt or row.get("candidates") != e.candidates)]
+    if changed:
+        raise ValueError(f"{path}: {len(changed)} predictions were made for another prompt or other candidates "
+                         f"than the records now give (ids {changed[:10]}); delete the file, or write to another "
+                         "one, to recompute them.")
+
+
+def _append(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a metrics file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    temporary.replace(path)
+
+
+# --- running the model ----------------------------------------------------------------------------------
+
+def _model_inputs(model, processor, batch: list[Example]) -> dict[str, torch.Tensor]:
+    inputs = processor(images=[load_image(e.image) for e in batch], text=[e.prompt for e in batch],
+                       padding="longest", return_tensors="pt")
+    device, dtype = model.device, model.dtype
+    return {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
+
+
+def _generate_batch(model, processor, batch: list[Example], generation: Mapping[str, Any]) -> list[dict]:
+    inputs = _model_inputs(model, processor, batch)
+    sequences = model.generate(**inputs, **generation)
+    # Decoder-only LLMs echo the prompt ([B, L + new]); encoder-decoder ones return only the answer.
+    echoed = inputs["input_ids"] if model.config.use_decoder_only_language_model else None
+    texts = processor.post_process_generation(sequences, echoed)
+    return [{"prediction": text} for text in texts]
+
+
+def _rank_batch(model, processor, batch: list[Example], reduction: str, candidate_batch_size: int | None) -> list[dict]:
+    inputs = _model_inputs(model, processor, batch)
+    result = rank_candidates(model, **inputs, candidates=[e.candidates for e in batch], reduction=reduction,
+                             tokenizer=processor.tokenizer, candidate_batch_size=candidate_batch_size)
+    return [{"candidates": e.candidates, "scores": scores.tolist(), "best": order[0],
+             "prediction": e.candidates[order[0]]}
+            for e, scores, order in zip(batch, result.scores, result.ranking)]
+
+
+# --- the runner -----------------------------------------------------------------------------------------
+
+def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int{' or None' if allow_none else ''}, found {value!r}.")
+
+
+def _prepare(
+    task: str, records: Sequence[Mapping[str, Any]], predictions_path: Path, *, batch_size: int, limit: int | None,
+    generation_kwargs: Mapping[str, Any] | None, reduction: str, candidate_batch_size: int | None,
+) -> tuple[TaskSpec, list[Example], dict[str, dict[str, Any]], dict[str, Any]]:
+    """Everything checked before a model call: arguments, every record, the rows already in the predictions file."""
+    spec = task_spec(task)
+    _check_positive("batch_size", batch_size)
+    _check_positive("limit", limit, allow_none=True)
+    _check_positive("candidate_batch_size", candidate_batch_size, allow_none=True)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, found {reduction!r}.")
+    if generation_kwargs is not None and not isinstance(generation_kwargs, Mapping):
+        raise TypeError(f"`generation_kwargs` must be a dict or None, found {type(generation_kwargs).__name__}.")
+    examples = prepare_examples(task, records[:limit] if limit is not None else records)
+    if not examples:
+        raise ValueError("`records` is empty: there is nothing to evaluate.")
+    done = read_predictions(predictions_path, task)
+    _check_unchanged(predictions_path, done, examples)
+    return spec, examples, done, {**(spec.generation or {}), **(generation_kwargs or {})}
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    processor,
+    records: Sequence[Mapping[str, Any]],
+    task: str,
+    *,
+    predictions_path: str | os.PathLike,
+    metrics_path: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    generation_kwargs: Mapping[str, Any] | None = None,
+    reduction: str = "sum",
+    candidate_batch_size: int | None = None,
+    progress: bool = True,
+    on_batch: Callable[[int, list[dict[str, Any]]], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate `model` zero-shot on one held-out `task` and return (and optionally write) its metrics.
+
+    Records whose id is already in `predictions_path` are skipped (resume); new predictions are appended and
+    flushed after every batch. `generation_kwargs` override the task's generation preset; `reduction` and
+    `candidate_batch_size` go to `rank_candidates`. `limit` keeps the first records only. `on_batch(index, rows)`
+    is called after each batch is written (progress reporting; tests use it to interrupt a run).
+
+    Example:
+        >>> model = AutoModel.from_pretrained(path).eval(); processor = AutoProcessor.from_pretrained(path)
+        >>> evaluate(model, processor, load_records("gqa.jsonl"), "gqa", predictions_path="gqa_predictions.jsonl")
+        {'task': 'gqa', 'metric': 'exact_match', 'score': 0.49, 'num_examples': 12578, ...}
+    """
+    predictions_path = Path(predictions_path)
+    spec, examples, done, generation = _prepare(
+        task, records, predictions_path, batch_size=batch_size, limit=limit, generation_kwargs=generation_kwargs,
+        reduction=reduction, candidate_batch_size=candidate_batch_size)
+    predictions_path.parent.mkdir(parents=True, exist_ok=True)
+    pending = [e for e in examples if id_key(e.id) not in done]
+
+    model.eval()
+    with tqdm(total=len(examples), initial=len(examples) - len(pending), desc=f"{task}", unit="ex",
+              disable=not progress) as bar:
+        for index, start in enumerate(range(0, len(pending), batch_size)):
+            batch = pending[start : start + batch_size]
+            if spec.mode == "generate":
+                outputs = _generate_batch(model, processor, batch, generation)
+            else:
+                outputs = _rank_batch(model, processor, batch, reduction, candidate_batch_size)
+            rows = [{"id": e.id, "task": task, "prompt": e.prompt, **out} for e, out in zip(batch, outputs)]
+            _append(predictions_path, rows)
+            done.update((id_key(row["id"]), row) for row in rows)
+            bar.update(len(batch))
+            if on_batch is not None:
+                on_batch(index, rows)
+
+    score = compute_metric(task, examples, [done[id_key(e.id)] for e in examples])
+    settings = {"generation": generation} if spec.mode == "generate" else {"reduction": reduction}
+    metrics = {"task": task, "mode": spec.mode, "metric": spec.metric, "score": score,
+               "num_examples": len(examples), "predictions": str(predictions_path), **settings}
+    if metrics_path is not None:
+        _write_json(Path(metrics_path), metrics)
+    return metrics
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    value = int(text)  # argparse turns the ValueError of a non-number into "invalid _positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hf_instructblip.evaluate",
+                                     description="Zero-shot InstructBLIP evaluation on one held-out task.")
+    parser.add_argument("--model", required=True, help="model folder or Hub id 'owner/name' (model + processor)")
+    parser.add_argument("--data", required=True, type=Path, help="JSON-lines data file")
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("--output-dir", type=Path, default=Path("eval_results"),
+                        help="gets TASK_predictions.jsonl (resumed if present) and TASK_metrics.json")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first LIMIT records only")
+    parser.add_argument("--num-beams", type=_positive_int, default=None, help="override the task's preset")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=None, help="override the task's preset")
+    parser.add_argument("--reduction", choices=REDUCTIONS, default="sum", help="candidate ranking score")
+    parser.add_argument("--candidate-batch-size", type=_positive_int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # Passed to `from_pretrained` as is: transformers reads "auto" and torch dtype names.
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _is_hub_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return name.count("/") == 1
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """`--model` an existing model folder or a Hub id, `--data` a file, `--output-dir` not a file."""
+    if Path(args.model).is_dir() and not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"`--model`: expected a saved model folder (with config.json), found {args.model!r} "
+                         "without config.json.")
+    if not Path(args.model).is_dir() and not _is_hub_id(args.model):  # a mistyped local path is reported now
+        raise ValueError(f"`--model`: expected an existing model folder or a Hub id 'owner/name', found "
+                         f"{args.model!r}, which is neither.")
+    if not args.data.is_file():
+        raise ValueError(f"`--data`: expected an existing JSON-lines file, found {str(args.data)!r}.")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise ValueError(f"`--output-dir`: expected a folder, found the file {str(args.output_dir)!r}.")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point (`python -m hf_instructblip.evaluate --help`); returns the exit status.
+
+    Example:
+        >>> main(["--model", "Salesforce/instructblip-flan-t5-xl", "--data", "gqa.jsonl", "--task", "gqa"])
+        0
+    """
+    args = _parser().parse_args(argv)
+    # Our classes by name: the official Salesforce repos say `model_type: instructblip`, which the Auto classes map
+    # to transformers' own InstructBLIP.
+    from ..model.modeling import InstructBlipForConditionalGeneration
+    from ..model.processing import InstructBlipProcessor
+
+    predictions = args.output_dir / f"{args.task}_predictions.jsonl"
+    overrides = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
+                 if v is not None}
+    run = dict(batch_size=args.batch_size, limit=args.limit, generation_kwargs=overrides, reduction=args.reduction,
+               candidate_batch_size=args.candidate_batch_size)
+    try:  # everything before the (slow) model load; a bad line is reported with its number
+        _check_paths(args)
+        records = load_records(args.data)
+        _prepare(args.task, records, predictions, **run)
+    except (OSError, ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model = InstructBlipForConditionalGeneration.from_pretrained(args.model, dtype=args.dtype)
+    model = model.to(args.device).eval()
+    processor = InstructBlipProcessor.from_pretrained(args.model)
+    metrics = evaluate(model, processor, records, args.task, predictions_path=predictions,
+                       progress=not args.no_progress, **run)
+    metrics["model"] = args.model
+    _write_json(args.output_dir / f"{args.task}_metrics.json", metrics)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # python -m hf_instructblip.evaluate.runner
+    sys.exit(main())

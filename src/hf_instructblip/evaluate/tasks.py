@@ -1,0 +1,216 @@
+"""The held-out tasks: how each is evaluated, records checked and made ready, and each task's metric.
+
+The task table is derived from the paper data in `hf_instructblip.templates` (held-out datasets, their metric,
+which are ranked): ranked tasks score candidate answers by log-likelihood, the others generate with LAVIS's preset
+("lavis" for captions, "short" otherwise).
+
+Data file: one JSON object per line with `image` (a path, relative to the data file), the prompt's fields (see
+`templates.eval_prompt`), and by task `answers` (list; VQA accuracy, captions), `answer` (exact match; the right
+candidate), `options` / `candidates` (ranking) or `label` (0/1: HatefulMemes, VSR); `id` is optional (default:
+the line number).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from ..json_lines import iter_json_lines
+from ..templates import HELD_OUT, HELD_OUT_METRICS, RANKING_DATASETS, category_of, eval_prompt, generation_preset
+from .metrics import cider_d, exact_match_accuracy, ivqa_accuracy, mean_reciprocal_rank, roc_auc, vqa_accuracy
+
+HATEFUL_CANDIDATES = ("no", "yes")  # index 1 = hateful; its log-odds is the AUC score
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How a held-out task is evaluated: `mode` "generate" or "rank", the metric, and the generation preset."""
+
+    name: str
+    mode: str
+    metric: str
+    generation: Mapping[str, Any] | None = None
+
+
+def _task(name: str) -> TaskSpec:
+    if name in RANKING_DATASETS:
+        return TaskSpec(name, "rank", HELD_OUT_METRICS[name])
+    preset = "lavis" if category_of(name) == "image_captioning" else "short"
+    return TaskSpec(name, "generate", HELD_OUT_METRICS[name], MappingProxyType(generation_preset(preset)))
+
+
+TASKS: Mapping[str, TaskSpec] = MappingProxyType({name: _task(name) for name in HELD_OUT})
+
+
+def task_spec(task: str) -> TaskSpec:
+    """The `TaskSpec` of a held-out task. Example: `task_spec("gqa").metric == "exact_match"`."""
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of the held-out tasks {sorted(TASKS)}, found {task!r}.")
+    return TASKS[task]
+
+
+def id_key(value: Any, where: str = "record") -> str:
+    """Ids compare as strings: JSON keeps ints and strings apart, but a resumed run must match either."""
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise TypeError(f"{where}: `id` must be a str or an int, found {type(value).__name__} {value!r}.")
+    return str(value)
+
+
+def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a JSON-lines data file: `image` resolved against the file's folder, `id` defaulting to the 1-based
+    line number. Errors name the line.
+
+    Example:
+        >>> records = load_records("textvqa_val.jsonl")
+        >>> records[0]["id"], records[0]["image"]
+        (1, '/data/textvqa/images/0001.jpg')
+    """
+    path = Path(path)
+    records, lines = [], {}
+    for number, record in iter_json_lines(path):
+        where = f"{path}, line {number}"
+        if not isinstance(record.get("image"), str) or not record["image"]:
+            raise ValueError(f"{where}: expected an 'image' path (str), found {record.get('image')!r}.")
+        record["image"] = str(path.parent / record["image"])
+        record.setdefault("id", number)
+        key = id_key(record["id"], where)
+        if key in lines:
+            raise ValueError(f"{where}: id {record['id']!r} already used on line {lines[key]}.")
+        lines[key] = number
+        records.append(record)
+    return records
+
+
+# --- one record -> prompt, candidates, reference --------------------------------------------------------
+
+@dataclass
+class Example:
+    """A record made ready: its id, image (path or image), prompt, candidates (ranking) and reference."""
+
+    id: Any
+    image: Any
+    prompt: str
+    candidates: list[str] | None
+    reference: Any
+
+
+def _string_list(value: Any, where: str) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
+            or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{where}: expected a non-empty list of non-empty strings, found {value!r}.")
+    return list(value)
+
+
+def _candidates(spec: TaskSpec, record: Mapping[str, Any], where: str) -> list[str]:
+    if spec.name == "hateful_memes":
+        candidates = _string_list(record.get("candidates") or list(HATEFUL_CANDIDATES), f"{where} 'candidates'")
+        if len(candidates) != 2:
+            raise ValueError(f"{where} 'candidates': hateful_memes ranks two answers (not, hateful), "
+                             f"found {candidates!r}.")
+        return candidates
+    return _string_list(record.get("candidates") or record.get("options"), f"{where} 'candidates' or 'options'")
+
+
+def _label(record: Mapping[str, Any], where: str) -> int:
+    label = record.get("label")
+    if label not in (0, 1) or isinstance(label, float):
+        raise ValueError(f"{where}: expected a 'label' of 0 or 1, found {label!r}.")
+    return int(label)
+
+
+def _target_index(record: Mapping[str, Any], candidates: list[str], where: str) -> int:
+    """The right candidate: `answer` as one of the candidate strings or as their index."""
+    answer = record.get("answer")
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(candidates):
+        return answer
+    if isinstance(answer, str) and answer in candidates:
+        return candidates.index(answer)
+    raise ValueError(f"{where}: expected an 'answer' that is one of the candidates {candidates!r} "
+                     f"(or its index), found {answer!r}.")
+
+
+def _reference(spec: TaskSpec, record: Mapping[str, Any], candidates: list[str] | None, where: str) -> Any:
+    """What the metric compares with: human answers, one answer, a candidate index or a 0/1 label."""
+    if spec.metric in ("vqa_accuracy", "ivqa_accuracy"):
+        return _string_list(record.get("answers"), f"{where} 'answers'")
+    if spec.metric == "cider":
+        return _string_list(record.get("answers") or record.get("captions"), f"{where} 'answers' or 'captions'")
+    if spec.metric == "exact_match":
+        answer = record.get("answer")
+        if spec.name == "vsr" and answer is None:
+            return ("false", "true")[_label(record, where)]
+        if not isinstance(answer, str) or not answer:
+            raise ValueError(f"{where}: expected an 'answer' string, found {answer!r}.")
+        return answer
+    if spec.metric == "roc_auc":
+        return _label(record, where)
+    return _target_index(record, candidates, where)  # accuracy, mrr
+
+
+def prepare_examples(task: str, records: Sequence[Mapping[str, Any]]) -> list[Example]:
+    """Check every record before any model call, so a bad line fails the run at once, not hours in.
+
+    Example:
+        >>> prepare_examples("gqa", [{"image": "a.png", "question": "Why?", "answer": "rain"}])[0].prompt
+        'Question: Why? Short answer:'
+    """
+    spec = task_spec(task)
+    if isinstance(records, (str, Mapping)) or not isinstance(records, Sequence):
+        raise TypeError(f"`records` must be a list of dicts, found {type(records).__name__}.")
+    examples, seen = [], set()
+    for index, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise TypeError(f"`records[{index}]` must be a dict, found {type(record).__name__}.")
+        record_id = record.get("id", index + 1)
+        key = id_key(record_id, f"`records[{index}]`")
+        if key in seen:
+            raise ValueError(f"`records[{index}]`: id {record_id!r} is used twice.")
+        seen.add(key)
+        where = f"record {record_id!r}"
+        if record.get("image") is None:
+            raise ValueError(f"{where}: expected an 'image' (path or image), found fields {sorted(record)}.")
+        try:
+            prompt = eval_prompt(task, record)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{where}: {error}") from None
+        candidates = _candidates(spec, record, where) if spec.mode == "rank" else None
+        reference = _reference(spec, record, candidates, where)
+        if isinstance(record["image"], (str, os.PathLike)) and not os.path.isfile(record["image"]):
+            raise ValueError(f"{where}: image file {str(record['image'])!r} does not exist.")
+        examples.append(Example(id=record_id, image=record["image"], prompt=prompt, candidates=candidates,
+                                reference=reference))
+    return examples
+
+
+# --- metrics --------------------------------------------------------------------------------------------
+
+def caption_tokens(text: str) -> list[str]:
+    """Lower-cased words without punctuation, close to the PTB tokenisation COCO's CIDEr runs on."""
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+
+
+def _texts(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [row["prediction"] for row in rows]
+
+
+# Metric name (as in `templates.HELD_OUT_METRICS`) -> score of the predictions-file rows against the references.
+SCORERS: Mapping[str, Callable[[Sequence[Mapping[str, Any]], list], float]] = MappingProxyType({
+    "vqa_accuracy": lambda rows, refs: vqa_accuracy(_texts(rows), refs),
+    "ivqa_accuracy": lambda rows, refs: ivqa_accuracy(_texts(rows), refs),
+    "exact_match": lambda rows, refs: exact_match_accuracy(_texts(rows), refs),
+    "cider": lambda rows, refs: cider_d(_texts(rows), refs, tokenize=caption_tokens).score,
+    "accuracy": lambda rows, refs: exact_match_accuracy([row["best"] for row in rows], refs, normalize=None),
+    "mrr": lambda rows, refs: mean_reciprocal_rank([row["scores"] for row in rows], refs),
+    # score = log p(hateful) - log p(not hateful)
+    "roc_auc": lambda rows, refs: roc_auc(refs, [row["scores"][1] - row["scores"][0] for row in rows]),
+})
+
+
+def compute_metric(task: str, examples: Sequence[Example], rows: Sequence[Mapping[str, Any]]) -> float:
+    """The task's metric over `examples` and their predictions (rows of the predictions file), in order."""
+    return SCORERS[task_spec(task).metric](rows, [e.reference for e in examples])
