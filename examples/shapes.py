@@ -26,6 +26,7 @@ from hf_instructblip import InstructBlipConfig, InstructBlipForConditionalGenera
 
 IMAGE_SIZE = 32
 NUM_QUERY_TOKENS = 8
+QFORMER_POSITIONS = 32  # the Q-Former's position table; the processor truncates instructions to it
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 200, 40)}
 SHAPES = ("circle", "square", "triangle", "cross")
 # task -> (held-in templates, held-out templates, answer from (colour, shape))
@@ -111,7 +112,7 @@ def build_processor() -> InstructBlipProcessor:
         from transformers import BlipImageProcessor as ImageProcessor
     image_processor = ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return InstructBlipProcessor(image_processor, llm_tokenizer(), qformer_tokenizer(),
-                                 num_query_tokens=NUM_QUERY_TOKENS)
+                                 num_query_tokens=NUM_QUERY_TOKENS, qformer_max_length=QFORMER_POSITIONS)
 
 
 def build_model(processor: InstructBlipProcessor, seed: int = 0) -> InstructBlipForConditionalGeneration:
@@ -123,7 +124,8 @@ def build_model(processor: InstructBlipProcessor, seed: int = 0) -> InstructBlip
                            image_size=IMAGE_SIZE, patch_size=8, initializer_range=0.02),
         qformer_config=dict(vocab_size=len(processor.qformer_tokenizer), hidden_size=64, num_hidden_layers=2,
                             num_attention_heads=4, intermediate_size=128, cross_attention_frequency=1,
-                            max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                            max_position_embeddings=QFORMER_POSITIONS, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0),
         text_config=LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
                                 pad_token_id=0),

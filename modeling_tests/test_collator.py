@@ -238,3 +238,35 @@ def test_pixels_equal_what_the_processor_makes_for_every_image_form(form):
     trained = collator([{"image": image, "instruction": "what is it ?", "answer": "a circle"}])["pixel_values"]
     expected = processor(images=[pil], text=["what is it ?"], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(trained, expected, atol=1e-5, rtol=0)
+
+
+ONE_TOKEN_WORDS = ["i", "a", "s", "t", "c", "is", "b"]  # each one token of the tiny LLM tokenizer, also in a row
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_every_prompt_length_keeps_exactly_its_last_tokens_within_the_budget(kind):
+    """Left truncation (LAVIS): a prompt of n tokens keeps its last min(n, budget) tokens, for n = 1 .. 2 budget.
+    The expected ids come from the tokenizer on the whole prompt, sliced here; the collator never sees them."""
+    collator = InstructBlipDataCollator(make_processor(kind), decoder_only=kind != "t5", max_input_length=12)
+    budget = 11  # max_input_length minus bos (decoder-only) or the final eos (T5)
+    tokenizer, rng = collator.processor.tokenizer, np.random.default_rng(0)
+    image = [I] * tiny.NUM_QUERY_TOKENS
+    for length in range(1, 2 * budget + 1):
+        instruction = " ".join(rng.choice(ONE_TOKEN_WORDS, size=length))
+        ids = tokenizer.encode(instruction, add_special_tokens=False)
+        assert len(ids) == length
+        kept = ids[-min(length, budget):]
+        batch = collator([{"image": tiny.images(1)[0], "instruction": instruction, "answer": "yes"}])
+        row = batch["input_ids"][0].tolist()
+        if kind == "t5":
+            assert row == image + kept + [tokenizer.eos_token_id], length
+        else:
+            answer = tokenizer.encode("yes", add_special_tokens=False) + [tokenizer.eos_token_id]
+            assert row == image + [tokenizer.bos_token_id] + kept + answer, length
+
+
+def test_an_empty_answer_is_refused_naming_the_record():
+    collator = InstructBlipDataCollator(make_processor("llama"), decoder_only=True)
+    good = {"image": tiny.images(1)[0], "instruction": "is it red ?", "answer": "yes"}
+    with pytest.raises(ValueError, match="record 1: field 'answer' is empty"):
+        collator([good, {**good, "answer": "  "}])

@@ -21,6 +21,9 @@ from hf_instructblip.model.images import load_image
 from hf_instructblip.templates import TEMPLATES
 
 
+VALID_ROW = {"image": "a.png", "question": "q", "answer": "a"}
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -103,7 +106,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(TypeError, match="MixtureSource"):
         build_instruction_mixture([("a", [])])
     with pytest.raises(ValueError, match="size 0"):  # an empty source under uniform weighting
-        build_instruction_mixture([MixtureSource("a", [], task="vqa"), MixtureSource("b", [{}], task="vqa")], alpha=0)
+        build_instruction_mixture([MixtureSource("a", [], task="vqa"), MixtureSource("b", [VALID_ROW], task="vqa")],
+                                  alpha=0)
 
 
 def tiny_processor():
@@ -131,3 +135,28 @@ def test_collator_batches_feed_the_model(sources):
 
     with pytest.raises(ValueError, match="decoder_only"):
         build_instruction_mixture(sources, processor=processor)
+
+
+@pytest.mark.parametrize(
+    ("rows", "error", "pattern"),
+    [
+        ([{"image": "a.png", "question": "q", "answer": "a"}, {"image": "b.png", "question": "q"}], ValueError,
+         r"src\[1\]: .*needs a non-empty 'answer'"),
+        ([{"image": "a.png", "question": "q", "answer": ""}], ValueError, r"src\[0\]: .*needs a non-empty 'answer'"),
+        ([{"question": "q", "answer": "a"}], ValueError, r"src\[0\]: expected an 'image'"),
+        ([{"image": "a.png", "question": 3, "answer": "a"}], TypeError, r"src\[0\]: .*'question'.*expected a str"),
+        (["not a dict"], TypeError, r"src\[0\]: expected a dict example, got str"),
+    ],
+    ids=["missing-answer", "empty-answer", "no-image", "int-question", "not-a-dict"],
+)
+def test_rows_are_checked_when_the_mixture_is_built(rows, error, pattern):
+    with pytest.raises(error, match=pattern):
+        build_instruction_mixture([MixtureSource("src", rows, task="vqa")])
+
+
+def test_unreadable_image_files_name_the_source_and_row(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    data = InstructionDataset([{"image": "broken.png", "question": "q", "answer": "a"}], task="vqa", name="src",
+                              image_root=tmp_path)
+    with pytest.raises(ValueError, match=r"`src\[0\] image`: cannot read an image"):
+        data[0]

@@ -40,7 +40,7 @@ def vision_config(**overrides) -> dict:
 
 def qformer_config(vocab_size: int = 64, **overrides) -> dict:
     cfg = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-               intermediate_size=37, max_position_embeddings=64, cross_attention_frequency=2,
+               intermediate_size=37, max_position_embeddings=128, cross_attention_frequency=2,
                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return {**cfg, **overrides}
 

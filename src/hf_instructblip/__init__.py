@@ -6,49 +6,38 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-from .evaluate import (
-    CandidateRanking,
+from .evaluate.metrics import (
     CiderResult,
     cider_d,
     exact_match_accuracy,
     mean_reciprocal_rank,
     normalize_vqa_answer,
-    rank_candidates,
     roc_auc,
     target_rank,
     vqa_accuracy,
     vqa_example_accuracy,
 )
+from .evaluate.ranking import CandidateRanking, rank_candidates
 from .hub import LocalHubApi, model_card, push_to_hub, push_trainable_to_hub, trainable_card
-from .model import (
-    HfInstructBlipProcessor,
-    InstructBlipConfig,
-    InstructBlipForConditionalGeneration,
-    InstructBlipProcessor,
-    InstructBlipQFormerConfig,
-    InstructBlipQFormerModel,
-    InstructBlipVisionConfig,
-    InstructBlipVisionModel,
-    sync_image_token,
-)
+from .model.configuration import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
+from .model.modeling import InstructBlipForConditionalGeneration
+from .model.processing import HfInstructBlipProcessor, InstructBlipProcessor, sync_image_token
+from .model.qformer import InstructBlipQFormerModel
+from .model.vision_encoder import InstructBlipVisionModel
 from .templates import eval_prompt, make_instruction_record, template_family, templates_for
-from .training import (
-    BalancedConcatSampler,
-    InstructBlipDataCollator,
-    InstructBlipTrainer,
-    InstructionDataset,
-    InstructionMixture,
-    MixtureSource,
+from .training.collator import InstructBlipDataCollator
+from .training.freezing import (
     ParameterTable,
-    SamplerEpochCallback,
-    VisionFeatureCache,
-    build_instruction_mixture,
     freeze_for_instruction_tuning,
     load_trainable_weights,
     parameter_table,
     save_trainable_weights,
     trainable_state_dict,
 )
+from .training.mixture import InstructionDataset, InstructionMixture, MixtureSource, build_instruction_mixture
+from .training.sampler import BalancedConcatSampler, SamplerEpochCallback
+from .training.trainer import InstructBlipTrainer
+from .training.vision_cache import VisionFeatureCache
 
 AutoConfig.register(InstructBlipConfig.model_type, InstructBlipConfig, exist_ok=True)
 AutoModel.register(InstructBlipConfig, InstructBlipForConditionalGeneration, exist_ok=True)

@@ -1,17 +1,9 @@
 """Hub publishing: model + processor + model card in one commit, or only the trainable weights (the Q-Former delta).
 
-What `push_to_hub` uploads (one commit, so a repo never holds a model without its processor or card):
-- `model.save_pretrained`: safetensors, `config.json` with `auto_map`, and our code files (the model class is
-  registered for the Auto classes), so `AutoModel.from_pretrained(repo, trust_remote_code=True)` works without
-  this package. This is what transformers' own `model.push_to_hub` saves; we save it next to the processor and
-  our card and hand the whole folder to `HfApi.create_commit` instead of making one commit per object.
-- `processor.save_pretrained`: tokenizers, image processor, `processor_config.json` with `auto_map` + code.
-- `README.md`: a model card with YAML metadata, unless the repo already has one (`overwrite_card=True` replaces it).
-
-`library_name: transformers`: the files are a transformers checkpoint, loaded by transformers' Auto classes (with
-`trust_remote_code=True`, or natively after `pip install hf-instructblip`), so the Hub's "Use this model" snippet
-and its transformers integration fit. A trainable-only repo is not a checkpoint transformers can load on its
-own: its card says `library_name: hf_instructblip`, whose `load_trainable_weights` applies it to its base.
+`push_to_hub` saves what transformers' `model.push_to_hub` saves (safetensors, `config.json` with `auto_map` and
+our code files: `trust_remote_code=True` loads it without this package), the processor and a card (`library_name:
+transformers`), and hands the folder to `HfApi.create_commit` once: a repo never holds a model without its
+processor or card. A trainable-only repo is no checkpoint on its own: its card says `library_name: hf_instructblip`.
 
 `api`: any `huggingface_hub.HfApi` (default `HfApi(token=token)`); `LocalHubApi` writes each commit to a local
 folder instead of sending it (dry runs, offline demos).
@@ -21,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from functools import partial
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,37 +71,34 @@ def _check_processor(processor: Any) -> None:
                         f"found {type(processor).__name__}.")
 
 
+def is_hub_id(name: Any) -> bool:
+    """Whether `name` is a full Hub repo id 'owner/name' by huggingface_hub's rules."""
+    return _repo_id_problem(name) is None and "/" in name
+
+
 def _hub_base_model(model: nn.Module) -> str | None:
     """The Hub id the model was loaded from, if any (local folders and fresh models give None)."""
     name = getattr(instructblip_base(model), "name_or_path", "") or ""
-    if not name or os.path.exists(name) or "/" not in name or _repo_id_problem(name) is not None:
-        return None
-    return name
+    return name if is_hub_id(name) and not os.path.exists(name) else None
 
 
 # --- model cards ------------------------------------------------------------------------------------------
-def _card(data: ModelCardData, body: str) -> ModelCard:
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n")
-
-
-def _metadata(library_name: str, base_model: str | None, license: str | None, datasets: list[str],
-              tags: list[str]) -> ModelCardData:
-    return ModelCardData(
+def _card(body: str, library_name: str, base_model: str | None, license: str | None, datasets: list[str],
+          tags: list[str]) -> ModelCard:
+    """YAML metadata, `body` and a licence note."""
+    data = ModelCardData(
         library_name=library_name, pipeline_tag=PIPELINE_TAG, base_model=base_model, license=license or "other",
         datasets=datasets or None, tags=list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
     )
-
-
-def _licence_note(license: str | None) -> str:
-    if license:
-        return f"Licence: `{license}`."
-    return ("Licence: `other`: the weights inherit the licences of their components (the base LLM's licence "
-            "applies, e.g. LLaMA / Vicuna terms or Apache-2.0 for Flan-T5); set `license=` when you push.")
+    licence = (f"Licence: `{license}`." if license else
+               "Licence: `other`: the weights inherit the licences of their components (the base LLM's licence "
+               "applies, e.g. LLaMA / Vicuna terms or Apache-2.0 for Flan-T5); set `license=` when you push.")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n\n{licence}\n")
 
 
 def model_card(repo_id: str, *, base_model: str | None = None, license: str | None = None,
                datasets: Sequence[str] | None = None, tags: Sequence[str] | None = None) -> ModelCard:
-    """The card of a full model + processor repo (`library_name: transformers`, see the module docstring).
+    """The card of a full model + processor repo (`library_name: transformers`).
 
     Example:
         >>> card = model_card("me/instructblip-shapes", base_model="Salesforce/instructblip-flan-t5-xl", license="mit")
@@ -118,8 +108,7 @@ def model_card(repo_id: str, *, base_model: str | None = None, license: str | No
     _check_repo_id("repo_id", repo_id)
     if base_model is not None:
         _check_repo_id("base_model", base_model)
-    data = _metadata("transformers", base_model, license, _check_strings("datasets", datasets),
-                     _check_strings("tags", tags))
+    datasets, tags = _check_strings("datasets", datasets), _check_strings("tags", tags)
     origin = f"Fine-tuned from [`{base_model}`](https://huggingface.co/{base_model}). " if base_model else ""
     body = f"""
 # {repo_id.split("/")[-1]}
@@ -151,10 +140,8 @@ from transformers import AutoModel, AutoProcessor
 model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
 ```
-
-{_licence_note(license)}
 """
-    return _card(data, body)
+    return _card(body, "transformers", base_model, license, datasets, tags)
 
 
 def trainable_card(repo_id: str, base_model: str, *, peft_adapter: bool = False, license: str | None = None,
@@ -167,8 +154,7 @@ def trainable_card(repo_id: str, base_model: str, *, peft_adapter: bool = False,
     """
     _check_repo_id("repo_id", repo_id)
     _check_repo_id("base_model", base_model)
-    data = _metadata("hf_instructblip", base_model, license, _check_strings("datasets", datasets),
-                     [*_check_strings("tags", tags), "trainable-weights-only"])
+    datasets, tags = _check_strings("datasets", datasets), [*_check_strings("tags", tags), "trainable-weights-only"]
     peft_line = (f'model = PeftModel.from_pretrained(model, "{repo_id}")  # the LoRA adapter on the LLM\n'
                  if peft_adapter else "")
     peft_import = "from peft import PeftModel\n" if peft_adapter else ""
@@ -203,18 +189,15 @@ from safetensors.torch import load_file
 
 model.load_state_dict(load_file(hf_hub_download("{repo_id}", "{TRAINABLE_WEIGHTS_NAME}")), strict=False)
 ```
-
-{_licence_note(license)}
 """
-    return _card(data, body)
+    return _card(body, "hf_instructblip", base_model, license, datasets, tags)
 
 
 # --- pushing ----------------------------------------------------------------------------------------------
 def _push(api: HfApi, repo_id: str, write_files: Callable[[Path], Any], make_card: Callable[[str], ModelCard], *,
-          overwrite_card: bool, private: bool | None, revision: str | None, create_pr: bool, commit_message: str,
-          commit_description: str | None) -> Any:
+          overwrite_card: bool, private: bool | None, revision: str | None, **commit: Any) -> Any:
     """Write the files into a temporary folder, create the repo, add the card unless one exists there (and
-    `overwrite_card` is False), and upload the folder in one commit."""
+    `overwrite_card` is False), and upload the folder in one commit (`commit`: `create_commit`'s options)."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_files(folder)
@@ -223,44 +206,23 @@ def _push(api: HfApi, repo_id: str, write_files: Callable[[Path], Any], make_car
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         if overwrite_card or not api.file_exists(repo_id, CARD_NAME, revision=revision):
             make_card(repo_id).save(folder / CARD_NAME)
+        operations = [CommitOperationAdd(path_or_fileobj=str(path), path_in_repo=path.relative_to(folder).as_posix())
+                      for path in sorted(folder.rglob("*")) if path.is_file()]
         # Not `api.upload_folder`: with hf_xet installed, huggingface_hub (2.4 at least) uploads a folder through
         # a pipeline that may split it into several commits and never calls `create_commit` (so LocalHubApi
         # would reach the network).
-        return api.create_commit(repo_id, folder_operations(folder), commit_message=commit_message,
-                                 commit_description=commit_description, revision=revision, create_pr=create_pr)
-
-
-def folder_operations(folder: str | os.PathLike) -> list[CommitOperationAdd]:
-    """One `CommitOperationAdd` per file under `folder` (sorted, repo paths relative to it), as transformers'
-    own `push_to_hub` builds them. The Hub validates the card's YAML when it receives the commit."""
-    folder = Path(folder)
-    return [CommitOperationAdd(path_or_fileobj=str(path), path_in_repo=path.relative_to(folder).as_posix())
-            for path in sorted(folder.rglob("*")) if path.is_file()]
+        return api.create_commit(repo_id, operations, revision=revision, **commit)
 
 
 def push_to_hub(
-    model: nn.Module,
-    repo_id: str,
-    processor: Any = None,
-    *,
-    base_model: str | None = None,
-    license: str | None = None,
-    datasets: Sequence[str] | None = None,
-    tags: Sequence[str] | None = None,
-    overwrite_card: bool = False,
-    private: bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str = "Upload InstructBLIP model, processor and card",
-    commit_description: str | None = None,
-    max_shard_size: str | int = "5GB",
-    token: str | bool | None = None,
-    api: HfApi | None = None,
+    model: nn.Module, repo_id: str, processor: Any = None, *, base_model: str | None = None,
+    license: str | None = None, datasets: Sequence[str] | None = None, tags: Sequence[str] | None = None,
+    overwrite_card: bool = False, private: bool | None = None, revision: str | None = None, create_pr: bool = False,
+    commit_message: str = "Upload InstructBLIP model, processor and card", commit_description: str | None = None,
+    max_shard_size: str | int = "5GB", token: str | bool | None = None, api: HfApi | None = None,
 ) -> Any:
-    """Push model + processor + model card to `repo_id` in one commit; returns the `CommitInfo`.
-
-    `base_model` defaults to the Hub id the model was loaded from (none for local or fresh models). An existing
-    `README.md` on the repo is kept unless `overwrite_card=True`.
+    """Push model + processor + model card to `repo_id` in one commit; returns the `CommitInfo`. `base_model`
+    defaults to the Hub id the model was loaded from (none for local or fresh models).
 
     Example:
         >>> push_to_hub(model, "me/instructblip-shapes", processor, license="mit", datasets=["my/vqa"])
@@ -274,11 +236,9 @@ def push_to_hub(
     if base is not model:
         raise ValueError("`model` is a PEFT model: push its adapter + trainable weights with push_trainable_to_hub, "
                          "or merge the adapter first (`model = model.merge_and_unload()`).")
-    base_model = base_model or _hub_base_model(base)
-    model_card(repo_id, base_model=base_model, license=license, datasets=datasets, tags=tags)  # fail before saving
-
-    def card(full_id: str) -> ModelCard:
-        return model_card(full_id, base_model=base_model, license=license, datasets=datasets, tags=tags)
+    card = partial(model_card, base_model=base_model or _hub_base_model(base), license=license, datasets=datasets,
+                   tags=tags)
+    card(repo_id)  # fail before saving
 
     def write_files(folder: Path) -> None:
         base.save_pretrained(folder, max_shard_size=max_shard_size)  # safetensors + config(auto_map) + code
@@ -291,27 +251,15 @@ def push_to_hub(
 
 
 def push_trainable_to_hub(
-    model: nn.Module,
-    repo_id: str,
-    *,
-    base_model: str | None = None,
-    processor: Any = None,
-    license: str | None = None,
-    datasets: Sequence[str] | None = None,
-    tags: Sequence[str] | None = None,
-    overwrite_card: bool = False,
-    private: bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str = "Upload InstructBLIP trainable weights and card",
-    commit_description: str | None = None,
-    token: str | bool | None = None,
-    api: HfApi | None = None,
+    model: nn.Module, repo_id: str, *, base_model: str | None = None, processor: Any = None,
+    license: str | None = None, datasets: Sequence[str] | None = None, tags: Sequence[str] | None = None,
+    overwrite_card: bool = False, private: bool | None = None, revision: str | None = None, create_pr: bool = False,
+    commit_message: str = "Upload InstructBLIP trainable weights and card", commit_description: str | None = None,
+    token: str | bool | None = None, api: HfApi | None = None,
 ) -> Any:
     """Push only the trained weights (`instructblip_trainable.safetensors`, the Q-Former delta; plus the adapter
-    of a PEFT model) with a card that says how to load them on `base_model`; returns the `CommitInfo`.
-
-    `base_model` (a Hub id) defaults to the one the model was loaded from; one of the two is required.
+    of a PEFT model) with a card that says how to load them on `base_model` (default: the Hub id the model was
+    loaded from; one of the two is required); returns the `CommitInfo`.
 
     Example:
         >>> freeze_for_instruction_tuning(model); trainer.train()
@@ -325,11 +273,9 @@ def push_trainable_to_hub(
         raise ValueError("`base_model` is required: the trainable weights only make sense on their base, and the "
                          "model was not loaded from a Hub id; pass base_model='user/name'.")
     peft_adapter = base is not model  # a PEFT model: its adapter is saved by PEFT itself
-    trainable_card(repo_id, base_model, license=license, datasets=datasets, tags=tags)  # fail before saving
-
-    def card(full_id: str) -> ModelCard:
-        return trainable_card(full_id, base_model, peft_adapter=peft_adapter, license=license, datasets=datasets,
-                              tags=tags)
+    card = partial(trainable_card, base_model=base_model, peft_adapter=peft_adapter, license=license,
+                   datasets=datasets, tags=tags)
+    card(repo_id)  # fail before saving
 
     def write_files(folder: Path) -> None:
         if peft_adapter:
@@ -344,25 +290,9 @@ def push_trainable_to_hub(
 
 
 # --- a local stand-in for the Hub -------------------------------------------------------------------------
-def write_operations(operations: Iterable[Any], folder: str | os.PathLike) -> list[str]:
-    """Write commit operations (`CommitOperationAdd` only) into `folder` at their repo paths; returns the paths."""
-    folder, written = Path(folder), []
-    for operation in operations:
-        if not isinstance(operation, CommitOperationAdd):
-            raise TypeError(f"`operations`: only CommitOperationAdd can be written, found {type(operation).__name__}.")
-        target = folder / operation.path_in_repo
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with operation.as_file() as source:
-            target.write_bytes(source.read())
-        written.append(operation.path_in_repo)
-    return written
-
-
 class LocalHubApi(HfApi):
-    """An `HfApi` whose repos are folders under `root` (`root/<user>/<name>`): nothing is sent.
-
-    The push functions run unchanged down to `create_commit`, whose operations are written to the folder, so
-    the folder holds exactly what a push would upload and loads with `from_pretrained(folder)`.
+    """An `HfApi` whose repos are folders under `root` (`root/<user>/<name>`): nothing is sent. The push functions
+    run unchanged down to `create_commit`, which writes the folder a push would upload.
 
     Example:
         >>> api = LocalHubApi("outputs/dry-run")
@@ -394,7 +324,16 @@ class LocalHubApi(HfApi):
 
     def create_commit(self, repo_id: str, operations: Iterable[Any], *, commit_message: str,
                       commit_description: str | None = None, **kwargs: Any) -> CommitInfo:
-        written = write_operations(operations, self.repo_folder(repo_id))
+        folder, written = self.repo_folder(repo_id), []
+        for operation in operations:
+            if not isinstance(operation, CommitOperationAdd):
+                raise TypeError(f"`operations`: only CommitOperationAdd can be written, found "
+                                f"{type(operation).__name__}.")
+            target = folder / operation.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with operation.as_file() as source:
+                target.write_bytes(source.read())
+            written.append(operation.path_in_repo)
         self.commits.append((self._full_id(repo_id), written))
         oid = "0" * 40  # no history is kept: the folder is the latest commit
         return CommitInfo(commit_url=f"{self.endpoint}/{self._full_id(repo_id)}/commit/{oid}",

@@ -1,10 +1,6 @@
 """The paper's instruction-tuning data: 11 task categories, 26 datasets, held-in/held-out split, templates.
 
-Loaded from `instruction_data.json` (shipped in the package; the paper's appendix as reproduced publicly).
-`make_instruction_record` turns a raw example into the record the collator consumes, with a template of its
-task drawn by a seed; `eval_prompt` fills a held-out dataset's zero-shot evaluation prompt; `generation_preset`
-gives LAVIS's `generate` defaults. This module is the only reader of the data file: the evaluation runner, the
-conversion scripts and the examples take the held-out metrics, ranked datasets, prompts and presets from here.
+Loaded from `instruction_data.json` (the paper's appendix as reproduced publicly); this module is its only reader.
 
 Template families: captioning datasets use "image_captioning" templates (no slot; the caption is the answer),
 question answering uses "vqa" (slot = the question), question generation uses "vqg" (slot = the answer; the
@@ -76,14 +72,10 @@ def template_family(task: str) -> str:
         raise TypeError(f"task: expected a str, got {type(task).__name__}")
     if task in FAMILIES:
         return task
-    category = task if task in CATEGORIES else None
-    if category is None and task in DATASETS:
-        category = category_of(task)
-    if category is None:
-        raise ValueError(
-            f"task: expected a template family {list(FAMILIES)}, a category {list(CATEGORIES)} "
-            f"or a dataset {list(DATASETS)}, got {task!r}"
-        )
+    category = category_of(task) if task in DATASETS else task
+    if category not in CATEGORIES:
+        raise ValueError(f"task: expected a template family {list(FAMILIES)}, a category {list(CATEGORIES)} "
+                         f"or a dataset {list(DATASETS)}, got {task!r}")
     return _FAMILY_OF_CATEGORY.get(category, "vqa")
 
 
@@ -107,9 +99,7 @@ def _text(example: Mapping[str, Any], field: str, rng: random.Random | None = No
 def _required(example: Mapping[str, Any], field: str, family: str, rng: random.Random | None = None) -> str:
     value = _text(example, field, rng)
     if value is None:
-        raise ValueError(
-            f"example: a {family!r} task needs a non-empty {field!r} field; got fields {sorted(example)}"
-        )
+        raise ValueError(f"example: a {family!r} task needs a non-empty {field!r} field; got fields {sorted(example)}")
     return value
 
 
@@ -125,10 +115,9 @@ def make_instruction_record(
 ) -> dict[str, Any]:
     """Turn a raw example into ``{"image", "instruction", "answer", "dataset"}`` for the collator.
 
-    `example` holds "image" and, by family: "caption" (captioning) or "question" and "answer" (the others);
-    optional "ocr_tokens" and "context" become prefixes ("OCR tokens: ...", "Context: ..."), "options"
-    (question answering only) follow the question. A list of answers or captions gives one, drawn.
-    The template (and drawn answer) depend only on (seed, dataset, index): reproducible under any
+    `example` holds "image" and "caption" (captioning) or "question" and "answer"; optional "ocr_tokens" and
+    "context" become prefixes, "options" (question answering only) follow the question. A list of answers or
+    captions gives one, drawn. Template and draw depend only on (seed, dataset, index): reproducible under any
     DataLoader order or worker count.
 
     Example:
@@ -182,11 +171,9 @@ def _alternatives(name: str) -> str:
 def eval_prompt(dataset: str, example: Mapping[str, Any] | None = None) -> str:
     """The zero-shot evaluation prompt of a held-out dataset, its slots filled from `example`.
 
-    Slots take the first non-empty of their fields (question|text, ocr_tokens|text, options|candidates,
-    caption|text, context); a list is joined by ", ". ScienceQA's "Context:" part is left out without a context.
+    Slots take the first non-empty of their fields (`_SLOT_FIELDS`); a list is joined by ", ". ScienceQA's
+    "Context:" part is left out without a context.
 
-    >>> eval_prompt("textvqa", {"ocr_tokens": ["stop", "ahead"], "question": "What does the sign say?"})
-    'OCR tokens: stop, ahead. Question: What does the sign say? Short answer:'
     >>> eval_prompt("scienceqa", {"question": "Which is a mammal?", "options": ["cat", "frog"]})
     'Question: Which is a mammal? Options: cat, frog. Answer:'
     """
@@ -221,9 +208,3 @@ def generation_preset(preset: str, *, sample: bool = False) -> dict[str, Any]:
     nucleus = _DATA["nucleus_sampling"] if sample else {}
     return {**_DATA["generation_presets"][preset], "do_sample": sample, **nucleus}
 
-
-__all__ = [
-    "CATEGORIES", "DATASETS", "EVAL_PROMPTS", "FAMILIES", "GENERATION_PRESETS", "HELD_IN", "HELD_OUT",
-    "HELD_OUT_METRICS", "INSTRUCTION_FAMILY", "RANKING_DATASETS", "TEMPLATES", "category_of", "eval_prompt",
-    "generation_preset", "make_instruction_record", "template_family", "templates_for",
-]

@@ -1,11 +1,6 @@
 """Zero-shot evaluation metrics: VQA and iVQA accuracy, exact match, ROC AUC, MRR and CIDEr-D.
 
-Plain Python + numpy, no Java: answers and captions are compared as strings, scores as floats. Every
-function returns a fraction in [0, 1] (CIDEr-D: its usual 0-10 scale), never a percentage.
-
-Example:
-    >>> vqa_accuracy(["Two."], [["2"] * 3 + ["3"] * 7])
-    0.9
+Plain Python + numpy, no Java. Every function returns a fraction in [0, 1] (CIDEr-D: its usual 0-10 scale).
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 
 # --- VQA answer normalisation (the official VQA evaluation script's rules) -----------------------------
-
 # Marks the official script deletes (when touching a space) or turns into a space; "." and "'" are handled apart.
 _PUNCTUATION = tuple(';/[]"{}()=+\\_-><@`,?!')
 _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
@@ -41,19 +35,12 @@ _CONTRACTIONS = (
     "who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've "
     "you'll you're you've"
 ).split()
-
-
-def _contraction_table() -> dict[str, str]:
-    """Apostrophe-less spellings -> canonical form ("dont" -> "don't", "couldnt've" -> "couldn't've")."""
-    table = {}
-    for word in _CONTRACTIONS:
-        positions = [i for i, ch in enumerate(word) if ch == "'"]
-        variants = {word.replace("'", "")} | {word[:i] + word[i + 1:] for i in positions}
-        table.update({variant: word for variant in variants if variant != word})
-    return table
-
-
-_CONTRACTION_TABLE = _contraction_table()
+# Apostrophe-less spellings -> canonical form ("dont" -> "don't", "couldnt've" -> "couldn't've").
+_CONTRACTION_TABLE = {
+    variant: word for word in _CONTRACTIONS
+    for variant in {word.replace("'", ""), *(word[:i] + word[i + 1:] for i, ch in enumerate(word) if ch == "'")}
+    if variant != word
+}
 
 
 def _strip_punctuation(text: str) -> str:
@@ -82,25 +69,24 @@ def normalize_vqa_answer(answer: str) -> str:
 
 
 # --- accuracies -------------------------------------------------------------------------------------------
-
 def _check_pairs(predictions: Sequence, references: Sequence, ref_name: str = "references") -> None:
     if isinstance(predictions, str) or isinstance(references, str):
         raise TypeError(f"`predictions` and `{ref_name}` must be sequences (one item per example), found a str.")
     if len(predictions) != len(references):
-        raise ValueError(
-            f"`predictions` and `{ref_name}` must have one item per example: found {len(predictions)} predictions "
-            f"and {len(references)} {ref_name}."
-        )
+        raise ValueError(f"`predictions` and `{ref_name}` must have one item per example: found {len(predictions)} "
+                         f"predictions and {len(references)} {ref_name}.")
     if len(predictions) == 0:
         raise ValueError("`predictions` is empty: there is nothing to score.")
 
 
 def vqa_example_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA accuracy of one prediction against the human answers (usually 10).
+    """VQA accuracy of one prediction against the human answers (usually 10): min(#matching humans / 3, 1),
+    averaged over the leave-one-out subsets, after `normalize_vqa_answer` on both sides (the official script only
+    strips punctuation from the human answers, which its annotation files ship normalised: the same result).
 
-    min(#matching humans / 3, 1), averaged over the leave-one-out subsets of the answers, after
-    `normalize_vqa_answer` on both sides. The official script only strips punctuation from the human answers
-    (its annotation files ship them normalised); normalising both sides gives the same result on those files.
+    Example:
+        >>> vqa_example_accuracy("Two.", ["2"] * 3 + ["3"] * 7)
+        0.9
     """
     if isinstance(answers, str) or len(answers) == 0:
         raise ValueError(f"`answers` must be a non-empty list of human answers, found {answers!r}.")
@@ -120,8 +106,8 @@ def vqa_accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]
 
 
 def ivqa_accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """iVQA accuracy (Yang et al., 2021): per example min(#annotators who gave the prediction / 2, 1), after
-    `normalize_vqa_answer` on both sides; the mean over examples.
+    """iVQA accuracy (Yang et al., 2021): the mean over examples of min(#annotators who gave the prediction / 2, 1),
+    after `normalize_vqa_answer` on both sides.
 
     Example:
         >>> ivqa_accuracy(["Two", "3"], [["2", "two", "3"], ["3", "4"]])
@@ -151,13 +137,10 @@ def exact_match_accuracy(
 
 
 # --- ranking metrics ------------------------------------------------------------------------------------------
-
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
-    """Area under the ROC curve for binary `labels` (0/1) and `scores` (higher = more likely 1).
-
-    The probability that a random positive outscores a random negative, ties counting one half
-    (the Mann-Whitney U statistic from average ranks; equals sklearn's `roc_auc_score`).
-    """
+    """Area under the ROC curve for binary `labels` (0/1) and `scores` (higher = more likely 1): the probability
+    that a random positive outscores a random negative, ties counting one half (the Mann-Whitney U statistic from
+    average ranks; equals sklearn's `roc_auc_score`)."""
     _check_pairs(scores, labels, "labels")
     y = np.asarray(labels)
     s = np.asarray(scores, dtype=np.float64)
@@ -199,7 +182,6 @@ def mean_reciprocal_rank(scores: Sequence[Sequence[float]], targets: Sequence[in
 
 
 # --- CIDEr-D ----------------------------------------------------------------------------------------------------
-
 @dataclass
 class CiderResult:
     """`score`: corpus CIDEr-D (mean over images); `scores`: one per image, in input order."""
@@ -224,18 +206,15 @@ def _tfidf(counts: Counter, doc_freq: Counter, log_num_images: float, n: int):
 
 
 def cider_d(
-    predictions: Sequence[str],
-    references: Sequence[Sequence[str]],
-    tokenize: Callable[[str], list[str]] = str.split,
-    n: int = 4,
-    sigma: float = 6.0,
+    predictions: Sequence[str], references: Sequence[Sequence[str]], tokenize: Callable[[str], list[str]] = str.split,
+    n: int = 4, sigma: float = 6.0,
 ) -> CiderResult:
     """CIDEr-D (Vedantam et al., 2015) as computed by the coco-caption reference code, tokenisation aside.
 
     Per image: tf-idf n-gram vectors (idf over the images' reference sets), clipped cosine similarity to each
-    reference, times a Gaussian length penalty exp(-delta^2 / (2 sigma^2)); averaged over n = 1..4 and the
-    references, times 10. `tokenize` defaults to whitespace split: pass PTB-style pre-tokenised, lower-cased
-    text to match COCO numbers. With a single image every idf is 0, so the score is 0 (as the reference).
+    reference, times a Gaussian length penalty; averaged over n = 1..4 and the references, times 10. `tokenize`
+    defaults to whitespace split (pass PTB-style lower-cased text to match COCO numbers). A single image scores 0
+    (every idf is 0), as in the reference.
 
     Example:
         >>> round(cider_d(["a dog runs", "a cat sleeps"], [["a dog is running"], ["the cat sleeps"]]).score, 4)

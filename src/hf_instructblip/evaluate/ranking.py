@@ -1,8 +1,6 @@
-"""Candidate ranking: score each example's candidate answers by the LLM's log-likelihood given image + prompt.
-
-Used for multiple-choice and classification sets (ScienceQA, IconQA, A-OKVQA MC, HatefulMemes, Visual Dialog,
-video QA). Per call, the image path (vision encoder + Q-Former) runs once for the whole batch. The shared prompt
-runs once per example: decoder-only LLMs keep its KV cache and score every candidate on top of it;
+"""Candidate ranking: score each example's candidate answers by the LLM's log-likelihood given image + prompt
+(multiple-choice and classification sets). The image path (vision encoder + Q-Former) runs once per batch and
+the shared prompt once per example: decoder-only LLMs score every candidate on top of its KV cache;
 encoder-decoder LLMs run the encoder once and score all (example, candidate) pairs through the decoder.
 """
 
@@ -39,36 +37,21 @@ class CandidateRanking:
 
 @torch.no_grad()
 def rank_candidates(
-    model,
-    pixel_values: torch.Tensor,
-    qformer_input_ids: torch.Tensor | None = None,
-    qformer_attention_mask: torch.Tensor | None = None,
-    input_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    candidates: Sequence[Sequence[Sequence[int] | torch.Tensor | str]],
-    reduction: str = "sum",
-    tokenizer=None,
-    add_eos: bool = True,
-    candidate_batch_size: int | None = None,
+    model, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
+    qformer_attention_mask: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None, *, candidates: Sequence[Sequence[Sequence[int] | torch.Tensor | str]],
+    reduction: str = "sum", tokenizer=None, add_eos: bool = True, candidate_batch_size: int | None = None,
     interpolate_pos_encoding: bool = False,
 ) -> CandidateRanking:
-    """Rank `candidates[i]` for example i by log p(candidate | image_i, prompt_i) under `model`'s LLM.
+    """Rank `candidates[i]` for example i by log p(candidate | image_i, prompt_i) under `model`'s LLM (in eval mode).
 
-    Args:
-        model: an `InstructBlipForConditionalGeneration` (put it in `eval()` mode: dropout would make scores noisy).
-        pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask: the processor's
-            output for the prompts, as for `generate` (`input_ids` holds the image placeholders). Prompts may be
-            left or right padded: only positions where `attention_mask` is 1 are read.
-        candidates: per example, a list of candidates (their number may differ between examples). A candidate is
-            either token ids (a list of ints or a 1-D tensor), scored exactly as given as the continuation of the
-            prompt (decoder-only) or as the decoder target (encoder-decoder), or a string, which needs `tokenizer`.
-        reduction: "sum" (total log-likelihood) or "mean" (per token, which removes the bias to short answers).
-        tokenizer: the LLM tokenizer, for string candidates: they are tokenized without special tokens, and
-            `add_eos` appends EOS, as the training targets end with it (so "a dog" is not a free prefix of
-            "a dog on grass"). Mind leading spaces: the string is tokenized as written.
-        candidate_batch_size: at most this many candidates per LLM call (None: all of an example's candidates
-            at once for decoder-only LLMs, all pairs of the batch at once for encoder-decoder LLMs).
+    The tensors are the processor's output for the prompts, as for `generate`; prompts may be left or right padded.
+    `candidates[i]` lists example i's candidates (their number may differ between examples): token ids (a list
+    or a 1-D tensor), scored exactly as given, or strings, which `tokenizer` tokenizes as written, without special
+    tokens, plus EOS with `add_eos` (the training targets end with it, so "a dog" is not a free prefix of "a dog
+    on grass"). `reduction`: "sum" (total log-likelihood) or "mean" (per token: no bias to short answers).
+    `candidate_batch_size`: at most this many candidates per LLM call (None: an example's candidates at once for
+    decoder-only LLMs, all pairs of the batch at once for encoder-decoder LLMs).
 
     Example:
         >>> inputs = processor(images=[image], text=["Is this a cat or a dog?"], return_tensors="pt")
@@ -86,10 +69,8 @@ def rank_candidates(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"`attention_mask` must have the shape of `input_ids` {list(input_ids.shape)}, "
-            f"found {list(attention_mask.shape)}."
-        )
+        raise ValueError(f"`attention_mask` must have the shape of `input_ids` {list(input_ids.shape)}, "
+                         f"found {list(attention_mask.shape)}.")
 
     features = model.get_image_features(
         pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding
@@ -97,24 +78,23 @@ def rank_candidates(
     # [B, L, D_llm]: placeholders checked and filled; an encoder-decoder LLM gets its padding moved to the row ends
     embeds, attention_mask = model.prepare_llm_inputs(input_ids, features, attention_mask)
     if model.config.use_decoder_only_language_model:
-        sums, lengths = _decoder_only_log_likelihoods(model.language_model, embeds, attention_mask, candidate_ids,
-                                                      candidate_batch_size)
+        log_likelihoods = _decoder_only_log_likelihoods
     else:
-        sums, lengths = _encoder_decoder_log_likelihoods(model.language_model, embeds, attention_mask, candidate_ids,
-                                                         candidate_batch_size)
-    scores = [s / n if reduction == "mean" else s for s, n in zip(sums, lengths)]
+        log_likelihoods = _encoder_decoder_log_likelihoods
+    scores = log_likelihoods(model.language_model, embeds, attention_mask, candidate_ids, candidate_batch_size)
+    if reduction == "mean":
+        lengths = [torch.tensor([len(ids) for ids in options], dtype=torch.float32) for options in candidate_ids]
+        scores = [s / n for s, n in zip(scores, lengths)]
     ranking = [torch.sort(s, descending=True, stable=True).indices.tolist() for s in scores]
     return CandidateRanking(scores=scores, ranking=ranking)
 
 
 # --- candidates -----------------------------------------------------------------------------------------------
-
 def _candidate_ids(candidates, batch: int, tokenizer, add_eos: bool) -> list[list[list[int]]]:
     """Validate `candidates` and turn every candidate into a non-empty list of token ids."""
     if isinstance(candidates, (str, torch.Tensor)) or not isinstance(candidates, Sequence):
-        raise TypeError(
-            f"`candidates` must be a list (one list of candidates per example), found {type(candidates).__name__}."
-        )
+        raise TypeError(f"`candidates` must be a list (one list of candidates per example), "
+                        f"found {type(candidates).__name__}.")
     if len(candidates) != batch:
         raise ValueError(f"`candidates` must hold one list per image: {batch} images, found {len(candidates)} lists.")
     result = []
@@ -160,7 +140,6 @@ def _token_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, mask: tor
 
 
 # --- the two LLM kinds -------------------------------------------------------------------------------------------
-
 def _cache_argument(llm) -> str:
     """The LLM's name for the KV cache input: `cache` from transformers 5.24, `past_key_values` before it."""
     return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
@@ -176,9 +155,9 @@ def _output_cache(outputs, llm):
 
 def _decoder_only_log_likelihoods(
     llm, embeds: torch.Tensor, attention_mask: torch.Tensor, candidates: list[list[list[int]]], chunk: int | None
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+) -> list[torch.Tensor]:
     """Per example: run the unpadded prompt once, then all candidates on copies of its KV cache."""
-    sums, lengths = [], []
+    sums = []
     for i, options in enumerate(candidates):
         # Dropping the padding keeps positions 0..P-1, so scores do not depend on how the batch was padded.
         prompt = embeds[i, attention_mask[i].bool()].unsqueeze(0)  # [1, P, D]
@@ -199,13 +178,12 @@ def _decoder_only_log_likelihoods(
             logits = torch.cat([first_logits.expand(len(part), -1, -1), out.logits[:, :-1]], dim=1)  # [C, T, V]
             example_sums.append(_token_log_likelihood(logits, ids, mask))
         sums.append(torch.cat(example_sums).cpu())
-        lengths.append(torch.tensor([len(o) for o in options], dtype=torch.float32))
-    return sums, lengths
+    return sums
 
 
 def _encoder_decoder_log_likelihoods(
     llm, embeds: torch.Tensor, attention_mask: torch.Tensor, candidates: list[list[list[int]]], chunk: int | None
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+) -> list[torch.Tensor]:
     """Run the encoder once for the batch, then score (example, candidate) pairs in batched decoder calls."""
     encoder_states = llm.get_encoder()(
         inputs_embeds=embeds, attention_mask=attention_mask, return_dict=True
@@ -220,7 +198,4 @@ def _encoder_decoder_log_likelihoods(
                   attention_mask=attention_mask[rows], decoder_input_ids=decoder_input_ids, use_cache=False,
                   return_dict=True)
         flat.append(_token_log_likelihood(out.logits, targets, mask).cpu())  # [N]
-    counts = [len(options) for options in candidates]
-    sums = list(torch.cat(flat).split(counts))
-    lengths = [torch.tensor([len(o) for o in options], dtype=torch.float32) for options in candidates]
-    return sums, lengths
+    return list(torch.cat(flat).split([len(options) for options in candidates]))

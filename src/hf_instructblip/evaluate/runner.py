@@ -1,12 +1,9 @@
 """Zero-shot evaluation runner: the paper's prompt per held-out task, generation or candidate ranking, metrics.
 
-`evaluate(model, processor, records, task, ...)` runs one held-out task over records (dicts, e.g. from
-`load_records`; see `tasks` for the fields): it fills the task's evaluation prompt, then either generates a short
-answer / caption in batches (left padded; the model moves an encoder-decoder LLM's padding to the row ends) or
-ranks each record's candidate answers by log-likelihood (`rank_candidates`). Every batch is appended to a
-JSON-lines predictions file and flushed, so an interrupted run loses nothing, and a rerun skips the ids already
-there; rows made for another prompt or other candidates than the records now give (the data changed) are refused,
-by id, not reused. Metrics are computed from the predictions file once every record has one.
+`evaluate` fills each record's evaluation prompt, then generates (left padded batches) or ranks the candidate
+answers (`rank_candidates`). Every batch is appended to a JSON-lines predictions file and flushed, so a rerun
+skips the ids already there (rows made for another prompt or other candidates are refused, not reused); the
+metric is computed from that file once every record has a row.
 
 Command line (every argument, the data file and the predictions file are checked before the model loads):
     python -m hf_instructblip.evaluate --model PATH --data FILE.jsonl --task NAME [--output-dir DIR]
@@ -23,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 
+from ..hub import is_hub_id
 from ..json_lines import iter_json_lines
 from ..model.images import load_image
 from .ranking import REDUCTIONS, rank_candidates
@@ -37,7 +34,6 @@ ROW_FIELDS = {"generate": ("id", "prompt", "prediction"),
 
 
 # --- predictions file -----------------------------------------------------------------------------------
-
 def _check_row(row: Mapping[str, Any], task: str, mode: str, where: str) -> None:
     if row.get("task") != task:
         raise ValueError(f"{where}: a prediction for task {row.get('task')!r}, not {task!r}; "
@@ -58,9 +54,8 @@ def _check_row(row: Mapping[str, Any], task: str, mode: str, where: str) -> None
 
 
 def read_predictions(path: str | os.PathLike, task: str) -> dict[str, dict[str, Any]]:
-    """Predictions already written, by id. A last line without its newline (the run was killed while writing) is
-    removed from the file; a malformed row elsewhere (bad JSON, another task, missing fields) raises ValueError
-    naming the file and line.
+    """Predictions already written, by id. A cut-off last line (the run was killed while writing) is removed from
+    the file; a malformed row elsewhere raises ValueError naming the file and line.
 
     Example:
         >>> read_predictions("eval_results/gqa_predictions.jsonl", "gqa")["1"]["prediction"]
@@ -110,12 +105,10 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
 
 
 # --- running the model ----------------------------------------------------------------------------------
-
 def _model_inputs(model, processor, batch: list[Example]) -> dict[str, torch.Tensor]:
     inputs = processor(images=[load_image(e.image) for e in batch], text=[e.prompt for e in batch],
                        padding="longest", return_tensors="pt")
-    device, dtype = model.device, model.dtype
-    return {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
+    return inputs.to(model.device, dtype=model.dtype)  # BatchFeature: casts the float tensors (pixels) only
 
 
 def _generate_batch(model, processor, batch: list[Example], generation: Mapping[str, Any]) -> list[dict]:
@@ -137,7 +130,6 @@ def _rank_batch(model, processor, batch: list[Example], reduction: str, candidat
 
 
 # --- the runner -----------------------------------------------------------------------------------------
-
 def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
     if allow_none and value is None:
         return
@@ -168,27 +160,16 @@ def _prepare(
 
 @torch.no_grad()
 def evaluate(
-    model,
-    processor,
-    records: Sequence[Mapping[str, Any]],
-    task: str,
-    *,
-    predictions_path: str | os.PathLike,
-    metrics_path: str | os.PathLike | None = None,
-    batch_size: int = 8,
-    limit: int | None = None,
-    generation_kwargs: Mapping[str, Any] | None = None,
-    reduction: str = "sum",
-    candidate_batch_size: int | None = None,
-    progress: bool = True,
-    on_batch: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    model, processor, records: Sequence[Mapping[str, Any]], task: str, *, predictions_path: str | os.PathLike,
+    metrics_path: str | os.PathLike | None = None, batch_size: int = 8, limit: int | None = None,
+    generation_kwargs: Mapping[str, Any] | None = None, reduction: str = "sum", candidate_batch_size: int | None = None,
+    progress: bool = True, on_batch: Callable[[int, list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` zero-shot on one held-out `task` and return (and optionally write) its metrics.
 
-    Records whose id is already in `predictions_path` are skipped (resume); new predictions are appended and
-    flushed after every batch. `generation_kwargs` override the task's generation preset; `reduction` and
-    `candidate_batch_size` go to `rank_candidates`. `limit` keeps the first records only. `on_batch(index, rows)`
-    is called after each batch is written (progress reporting; tests use it to interrupt a run).
+    Records whose id is already in `predictions_path` are skipped (resume). `generation_kwargs` override the task's
+    generation preset; `reduction` and `candidate_batch_size` go to `rank_candidates`; `limit` keeps the first
+    records only; `on_batch(index, rows)` is called after each batch is written.
 
     Example:
         >>> model = AutoModel.from_pretrained(path).eval(); processor = AutoProcessor.from_pretrained(path)
@@ -228,7 +209,6 @@ def evaluate(
 
 
 # --- command line ---------------------------------------------------------------------------------------
-
 def _positive_int(text: str) -> int:
     value = int(text)  # argparse turns the ValueError of a non-number into "invalid _positive_int value"
     if value < 1:
@@ -257,20 +237,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_hub_id(name: str) -> bool:
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return name.count("/") == 1
-
-
 def _check_paths(args: argparse.Namespace) -> None:
     """`--model` an existing model folder or a Hub id, `--data` a file, `--output-dir` not a file."""
     if Path(args.model).is_dir() and not (Path(args.model) / "config.json").is_file():
         raise ValueError(f"`--model`: expected a saved model folder (with config.json), found {args.model!r} "
                          "without config.json.")
-    if not Path(args.model).is_dir() and not _is_hub_id(args.model):  # a mistyped local path is reported now
+    if not Path(args.model).is_dir() and not is_hub_id(args.model):  # a mistyped local path is reported now
         raise ValueError(f"`--model`: expected an existing model folder or a Hub id 'owner/name', found "
                          f"{args.model!r}, which is neither.")
     if not args.data.is_file():
@@ -314,6 +286,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(metrics, indent=2))
     return 0
 
-
-if __name__ == "__main__":  # python -m hf_instructblip.evaluate.runner
-    sys.exit(main())

@@ -1,8 +1,4 @@
-"""The held-out tasks: how each is evaluated, records checked and made ready, and each task's metric.
-
-The task table is derived from the paper data in `hf_instructblip.templates` (held-out datasets, their metric,
-which are ranked): ranked tasks score candidate answers by log-likelihood, the others generate with LAVIS's preset
-("lavis" for captions, "short" otherwise).
+"""The held-out tasks (from the paper data in `templates`): how each is evaluated, records checked, metrics.
 
 Data file: one JSON object per line with `image` (a path, relative to the data file), the prompt's fields (see
 `templates.eval_prompt`), and by task `answers` (list; VQA accuracy, captions), `answer` (exact match; the right
@@ -66,9 +62,8 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     line number. Errors name the line.
 
     Example:
-        >>> records = load_records("textvqa_val.jsonl")
-        >>> records[0]["id"], records[0]["image"]
-        (1, '/data/textvqa/images/0001.jpg')
+        >>> load_records("/data/textvqa/val.jsonl")[0]["image"]
+        '/data/textvqa/images/0001.jpg'
     """
     path = Path(path)
     records, lines = [], {}
@@ -87,7 +82,6 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 # --- one record -> prompt, candidates, reference --------------------------------------------------------
-
 @dataclass
 class Example:
     """A record made ready: its id, image (path or image), prompt, candidates (ranking) and reference."""
@@ -188,7 +182,6 @@ def prepare_examples(task: str, records: Sequence[Mapping[str, Any]]) -> list[Ex
 
 
 # --- metrics --------------------------------------------------------------------------------------------
-
 def caption_tokens(text: str) -> list[str]:
     """Lower-cased words without punctuation, close to the PTB tokenisation COCO's CIDEr runs on."""
     return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())

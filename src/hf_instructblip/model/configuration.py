@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
@@ -11,28 +13,38 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 OFFICIAL_MODEL_TYPE = "instructblip"
 
 
-def _sub_config(value: Any, config_class: type, name: str) -> PretrainedConfig:
-    """Build a sub-config from None / dict / config instance."""
-    if value is None:
-        return config_class()
+def _sub_config(value: Any, name: str, build: Callable[[dict], PretrainedConfig]) -> PretrainedConfig:
+    """A sub-config from None (defaults) / dict / config instance; `build` makes one from a dict."""
     if isinstance(value, PretrainedConfig):
         return value
-    if isinstance(value, dict):
-        kwargs = {k: v for k, v in value.items() if k != "model_type"}
-        return config_class(**kwargs)
-    raise TypeError(f"`{name}` must be None, a dict or a {config_class.__name__}, found {type(value).__name__}.")
+    if value is None or isinstance(value, dict):
+        return build(dict(value or {}))
+    raise TypeError(f"`{name}` must be None, a dict or a PretrainedConfig, found {type(value).__name__}.")
 
 
-def _text_config(value: Any) -> PretrainedConfig:
-    """Build the LLM config with AutoConfig; any causal or seq2seq LM works (default: OPT, as transformers)."""
-    if value is None:
-        return AutoConfig.for_model("opt")
-    if isinstance(value, PretrainedConfig):
-        return value
-    if isinstance(value, dict):
-        kwargs = dict(value)
-        return AutoConfig.for_model(kwargs.pop("model_type", "opt"), **kwargs)
-    raise TypeError(f"`text_config` must be None, a dict or a PretrainedConfig, found {type(value).__name__}.")
+def _without_model_type(config_class: type, kwargs: dict) -> PretrainedConfig:
+    return config_class(**{k: v for k, v in kwargs.items() if k != "model_type"})
+
+
+def _text_config(kwargs: dict) -> PretrainedConfig:
+    """Any causal or seq2seq LM config, by `model_type` (default: OPT, as transformers)."""
+    return AutoConfig.for_model(kwargs.pop("model_type", "opt"), **kwargs)
+
+
+def check_positive_int(config: PretrainedConfig, *names: str) -> None:
+    """Each `config.<name>` is an int >= 1 (0 queries would silently ignore the image, a 0 frequency divides by 0)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be an int >= 1, found {value!r}.")
+
+
+def check_heads(config: PretrainedConfig) -> None:
+    """Attention splits `hidden_size` evenly over `num_attention_heads`."""
+    check_positive_int(config, "hidden_size", "num_attention_heads", "num_hidden_layers")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"{config.base_config_key}: hidden_size ({config.hidden_size}) must be divisible by "
+                         f"num_attention_heads ({config.num_attention_heads}).")
 
 
 class InstructBlipVisionConfig(PretrainedConfig):
@@ -56,6 +68,14 @@ class InstructBlipVisionConfig(PretrainedConfig):
     attention_dropout: float = 0.0
     initializer_range: float = 1e-10
     qkv_bias: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        check_heads(self)
+        check_positive_int(self, "image_size", "patch_size")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision_config: image_size ({self.image_size}) must be a multiple of patch_size "
+                             f"({self.patch_size}); otherwise the border pixels are silently dropped.")
 
 
 class InstructBlipQFormerConfig(PretrainedConfig):
@@ -82,6 +102,11 @@ class InstructBlipQFormerConfig(PretrainedConfig):
     pad_token_id: int | None = 0
     cross_attention_frequency: int = 2
     encoder_hidden_size: int = 1408
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        check_heads(self)
+        check_positive_int(self, "cross_attention_frequency", "max_position_embeddings")
 
 
 class InstructBlipConfig(PretrainedConfig):
@@ -119,14 +144,17 @@ class InstructBlipConfig(PretrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
-        self.vision_config = _sub_config(self.vision_config, InstructBlipVisionConfig, "vision_config")
-        self.qformer_config = _sub_config(self.qformer_config, InstructBlipQFormerConfig, "qformer_config")
-        self.text_config = _text_config(self.text_config)
+        for name, config_class in (("vision_config", InstructBlipVisionConfig),
+                                   ("qformer_config", InstructBlipQFormerConfig)):
+            build = partial(_without_model_type, config_class)
+            setattr(self, name, _sub_config(getattr(self, name), name, build))
+        self.text_config = _sub_config(self.text_config, "text_config", _text_config)
         # Cross-attention keys/values are read from the vision features: their width is the vision width.
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
         kwargs.pop("use_decoder_only_language_model", None)  # derived, see the property
         kwargs.pop("fused_head_loss", None)  # written by 0.1 configs; now a training-time choice (forward / Trainer)
         super().__post_init__(**kwargs)
+        check_positive_int(self, "num_query_tokens")
         # Mirrors the LLM, so tools that ask (e.g. `Trainer` counting label tokens for `num_items_in_batch`: every
         # label is a target for T5, while decoder-only labels are shifted) treat a T5-backed model correctly.
         self.is_encoder_decoder = bool(getattr(self.text_config, "is_encoder_decoder", False))

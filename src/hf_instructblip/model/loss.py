@@ -3,22 +3,13 @@
 One rule aligns labels everywhere (`align_labels`): a decoder-only LLM's position t predicts label t + 1, an
 encoder-decoder LLM's decoder position t predicts label t.
 
-Fused path: cross-entropy through a frozen LM head without materialising the `[N, vocab]` logits.
-
-Training with a frozen LLM, the LM head is the widest layer left in the step: transformers builds the logits,
-keeps their log-softmax for backward, then allocates two gradients of that size (three `[N, V]` float tensors
-alive at the start of backward, four if the caller still holds the logits). Here the head runs on chunks of
-rows, and because its weight is frozen, each chunk's gradient w.r.t. the hidden states (`(softmax - onehot) @ W`)
-is computed right away: one chunk of logits is alive at a time, and backward is a multiply.
+Fused path: with the LLM frozen, its LM head is the widest layer of a training step (transformers keeps the
+`[N, vocab]` logits, their log-softmax and two gradients of that size). Here the head runs on chunks of rows and,
+its weight being frozen, each chunk's gradient w.r.t. the hidden states (`(softmax - onehot) @ W`) is computed
+at once: one chunk of logits is alive at a time, and backward is a multiply.
 
 Example:
-    >>> hidden = torch.randn(5, 8, requires_grad=True)
-    >>> head = torch.nn.Linear(8, 11, bias=False).requires_grad_(False)
-    >>> labels = torch.tensor([1, 2, -100, 4, 5])
-    >>> loss = frozen_head_cross_entropy(hidden, head.weight, None, labels).sum() / 4
-    >>> reference = torch.nn.functional.cross_entropy(head(hidden), labels)
-    >>> torch.allclose(loss, reference)
-    True
+    >>> loss = frozen_head_cross_entropy(hidden, head.weight, head.bias, labels).sum() / (labels != -100).sum()
 """
 
 from __future__ import annotations
@@ -28,6 +19,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+
 
 def target_labels(labels: torch.Tensor, shift: bool) -> torch.Tensor:
     """The labels that are scored: with `shift` (decoder-only LLMs) the first has no position predicting it."""

@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
 from .configuration import InstructBlipConfig
+from .inputs import check_call, image_placeholder_mask
 from .loss import language_model_loss
 from .pretrained import InstructBlipPreTrainedModel
 from .processing import prepend_image_placeholders
@@ -157,41 +158,13 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
                 "and its Q-Former reads the instruction. Pass the processor's `qformer_input_ids`."
             )
         if input_ids.dim() != 2 or input_ids.shape[0] != batch:
-            raise ValueError(
-                f"`qformer_input_ids` must have shape [{batch}, length] (one row per image), "
-                f"found {list(input_ids.shape)}."
-            )
+            raise ValueError(f"`qformer_input_ids` must have shape [{batch}, length] (one row per image), found "
+                             f"{list(input_ids.shape)}.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return input_ids, attention_mask
 
     # --- placeholders -> embeddings -------------------------------------------------------------------
-    def _image_placeholder_mask(self, input_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """Boolean `[B, L]` mask of image placeholders, checked to hold exactly `num_query_tokens` per row."""
-        token = self.config.image_token_index
-        if token is None:
-            raise ValueError(
-                "config.image_token_index is unset, so the image cannot be placed in the prompt. Set it to the id "
-                "of the image placeholder token of the LLM tokenizer (the processor adds one)."
-            )
-        if input_ids is None:
-            raise ValueError("`input_ids` is required: it carries the image placeholder tokens.")
-        if input_ids.dim() != 2 or input_ids.shape[0] != batch:
-            raise ValueError(
-                f"`input_ids` must have shape [{batch}, length] to match the {batch} images in `pixel_values`, "
-                f"found {list(input_ids.shape)}."
-            )
-        mask = input_ids == token
-        counts = mask.sum(dim=1).tolist()
-        expected = self.config.num_query_tokens
-        wrong = {row: found for row, found in enumerate(counts) if found != expected}
-        if wrong:
-            raise ValueError(
-                f"Each row of `input_ids` must hold exactly num_query_tokens={expected} image placeholder tokens "
-                f"(id {token}); found (row: count) {wrong}. Build inputs with the InstructBlipProcessor."
-            )
-        return mask
-
     def prepare_llm_inputs(
         self,
         input_ids: torch.Tensor,
@@ -210,7 +183,8 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
             >>> embeds, mask = model.prepare_llm_inputs(input_ids, features, attention_mask)
             >>> model.language_model(inputs_embeds=embeds, attention_mask=mask)
         """
-        mask = self._image_placeholder_mask(input_ids, image_features.shape[0])  # [B, L]
+        mask = image_placeholder_mask(self.config, input_ids, image_features.shape[0],
+                                      self.get_input_embeddings().num_embeddings)  # [B, L]
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
@@ -252,6 +226,9 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
           in place; otherwise the loss is computed from the logits (same values) and they are still not returned.
         `image_embeds` (precomputed vision features) may replace `pixel_values`, see `get_image_features`.
         """
+        check_call(self.config, input_ids, pixel_values=pixel_values, image_embeds=image_embeds,
+                           attention_mask=attention_mask, qformer_input_ids=qformer_input_ids,
+                           qformer_attention_mask=qformer_attention_mask, labels=labels)
         image = self.get_image_features(
             pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding, image_embeds
         )
@@ -303,6 +280,9 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         Decoder-only LLMs return the prompt ids followed by the new tokens (as transformers' InstructBLIP);
         encoder-decoder LLMs return the decoder ids.
         """
+        check_call(self.config, input_ids, pixel_values=pixel_values, image_embeds=image_embeds,
+                           attention_mask=attention_mask, qformer_input_ids=qformer_input_ids,
+                           qformer_attention_mask=qformer_attention_mask)
         image = self.get_image_features(
             pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding, image_embeds
         )

@@ -272,6 +272,11 @@ def sync_image_token(model: torch.nn.Module, processor: HfInstructBlipProcessor)
             f"The processor writes num_query_tokens={processor.num_query_tokens} placeholders but the model "
             f"expects model.config.num_query_tokens={model.config.num_query_tokens}; build them to agree."
         )
+    positions = model.config.qformer_config.max_position_embeddings
+    if processor.qformer_max_length > positions:
+        raise ValueError(f"The processor's `qformer_max_length` ({processor.qformer_max_length}) exceeds the model's "
+                         f"Q-Former, which has {positions} positions; build the processor with "
+                         f"qformer_max_length <= {positions}.")
     token_id = processor.image_token_id
     rows = model.get_input_embeddings().weight.shape[0]
     resized = token_id >= rows

@@ -27,11 +27,6 @@ class QFormerMultiHeadAttention(nn.Module):
 
     def __init__(self, config: InstructBlipQFormerConfig, is_cross_attention: bool = False):
         super().__init__()
-        if config.hidden_size % config.num_attention_heads:
-            raise ValueError(
-                f"qformer_config.hidden_size ({config.hidden_size}) must be divisible by "
-                f"num_attention_heads ({config.num_attention_heads})."
-            )
         self.config = config
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5

@@ -15,23 +15,8 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .attention import attend
 from .configuration import InstructBlipVisionConfig
+from .inputs import check_pixel_values
 from .pretrained import InstructBlipPreTrainedModel
-
-
-def check_pixel_values(pixel_values: torch.Tensor, image_size: int, interpolate_pos_encoding: bool) -> None:
-    """Reject pixel tensors the encoder would misread, naming what was expected and what was found."""
-    if not isinstance(pixel_values, torch.Tensor):
-        raise TypeError(f"`pixel_values` must be a torch.Tensor, found {type(pixel_values).__name__}.")
-    if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-        raise ValueError(
-            f"`pixel_values` must have shape [batch, 3, height, width], found {list(pixel_values.shape)}."
-        )
-    if not interpolate_pos_encoding and tuple(pixel_values.shape[-2:]) != (image_size, image_size):
-        raise ValueError(
-            f"`pixel_values` must be {image_size}x{image_size} (vision_config.image_size), found "
-            f"{pixel_values.shape[-2]}x{pixel_values.shape[-1]}; resize the images or pass "
-            "`interpolate_pos_encoding=True`."
-        )
 
 
 class EvaEmbeddings(nn.Module):
@@ -77,11 +62,6 @@ class EvaAttention(nn.Module):
 
     def __init__(self, config: InstructBlipVisionConfig):
         super().__init__()
-        if config.hidden_size % config.num_attention_heads:
-            raise ValueError(
-                f"vision_config.hidden_size ({config.hidden_size}) must be divisible by "
-                f"num_attention_heads ({config.num_attention_heads})."
-            )
         self.config = config
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.num_heads
@@ -160,7 +140,7 @@ class InstructBlipVisionModel(InstructBlipPreTrainedModel):
         output_hidden_states: bool = False,
         **kwargs,
     ) -> BaseModelOutput:
-        check_pixel_values(pixel_values, self.config.image_size, interpolate_pos_encoding)
+        check_pixel_values(pixel_values, self.config.image_size, self.config.patch_size, interpolate_pos_encoding)
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding)  # [B, 1 + N, D]
         all_hidden_states = [hidden_states] if output_hidden_states else None
         for layer in self.encoder.layers:

@@ -74,8 +74,7 @@ class InstructBlipDataCollator:
     """Collate `{image, instruction, answer[, dataset][, image_id]}` records into InstructBLIP training inputs.
 
     Args:
-        processor: provides `tokenizer` (LLM, with the image token), `qformer_tokenizer`, `image_processor`,
-            `num_query_tokens`, `image_token` and `image_token_id` (e.g. an `InstructBlipProcessor`).
+        processor: an `InstructBlipProcessor` (its tokenizers, image preprocessing and placeholder layout).
         decoder_only: layout for a decoder-only LLM (True) or an encoder-decoder one (False); pass
             `model.config.use_decoder_only_language_model`.
         max_input_length: prompt tokens kept (counting bos / eos the layout adds), cut from the left.
@@ -85,10 +84,8 @@ class InstructBlipDataCollator:
         add_bos: prepend bos to the decoder-only prompt; None -> when the tokenizer adds one itself, so training
             sees the prompt exactly as the processor writes it at inference.
 
-    Returns a dict of tensors `pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
-    attention_mask, labels`, plus `dataset` (list of str) when the records carry dataset names
-    (`InstructBlipTrainer` strips it before the model call and logs per-dataset statistics), and `image_ids`
-    (`[B]` int64) when they carry an integer `image_id` (read by the model's vision feature cache, if enabled).
+    Returns the model's tensors with `labels`, plus `dataset` names and `image_ids` `[B]` when the records carry
+    them (`InstructBlipTrainer` logs per-dataset losses and looks the ids up in its vision feature cache).
 
     Example:
         >>> collator = InstructBlipDataCollator(processor, decoder_only=model.config.use_decoder_only_language_model)
@@ -105,8 +102,8 @@ class InstructBlipDataCollator:
     add_bos: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tokenizer", "qformer_tokenizer", "image_processor", "num_query_tokens", "image_token_id",
-                     "qformer_text", "preprocess_images"):
+        for name in ("tokenizer", "qformer_tokenizer", "num_query_tokens", "image_token_id", "qformer_text",
+                     "preprocess_images"):
             if getattr(self.processor, name, None) is None:
                 raise TypeError(f"`processor` must provide `{name}` (an InstructBlipProcessor does); "
                                 f"found {type(self.processor).__name__} without it.")

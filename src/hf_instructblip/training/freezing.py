@@ -4,9 +4,8 @@ The paper trains the Q-Former, its query tokens and `language_projection`; the i
 frozen *and in eval mode* (LAVIS replaces their `train` with a no-op), so no dropout runs in them. LAVIS also
 trains `ln_vision` (our `vision_model.post_layernorm`): opt in with `train_post_layernorm=True`.
 
-PEFT adapters (e.g. LoRA on the LLM) are left exactly as PEFT set them, so the recipe is
-`peft_model = get_peft_model(model, lora_config); freeze_for_instruction_tuning(peft_model)`
-(in that order: `get_peft_model` freezes everything that is not an adapter).
+PEFT adapters are left as PEFT set them: `peft_model = get_peft_model(model, lora_config)`, then
+`freeze_for_instruction_tuning(peft_model)` (in that order: `get_peft_model` freezes every non-adapter weight).
 """
 
 from __future__ import annotations
@@ -65,10 +64,7 @@ class ParameterTable:
     """Trainable vs frozen parameter counts per sub-module; `str(table)` renders it.
 
     Example:
-        >>> print(parameter_table(model))  # doctest: +SKIP
-        part                          trainable       frozen
-        vision_model                          0    985952256
-        ...
+        >>> parameter_table(model).frozen
     """
 
     rows: list[tuple[str, int, int]] = field(default_factory=list)  # (part, trainable, frozen)
@@ -99,21 +95,11 @@ def parameter_table(model: nn.Module) -> ParameterTable:
 
 
 def freeze_for_instruction_tuning(
-    model: nn.Module,
-    train_post_layernorm: bool = False,
-    frozen_in_eval: bool = True,
-    print_table: bool = False,
+    model: nn.Module, train_post_layernorm: bool = False, frozen_in_eval: bool = True, print_table: bool = False,
 ) -> ParameterTable:
-    """Freeze the image encoder and the LLM, train the Q-Former, queries and projection (the paper's recipe).
-
-    Args:
-        model: an InstructBlipForConditionalGeneration, or a PEFT model wrapping one (adapters keep their flags).
-        train_post_layernorm: also train `vision_model.post_layernorm` (LAVIS's `ln_vision`).
-        frozen_in_eval: pin the frozen parts in eval mode, so `model.train()` enables no dropout in them (this
-            also disables the dropout of adapters living inside the LLM).
-        print_table: print the resulting per-part table.
-
-    Returns the `ParameterTable` of trainable / frozen counts.
+    """Freeze the image encoder and the LLM, train the Q-Former, queries and projection (the paper's recipe);
+    returns the `ParameterTable`. PEFT adapters keep their flags. `frozen_in_eval` pins the frozen parts in eval
+    mode, so `model.train()` enables no dropout in them (nor in adapters inside the LLM).
 
     Example:
         >>> table = freeze_for_instruction_tuning(model)
@@ -121,15 +107,13 @@ def freeze_for_instruction_tuning(
     """
     base = instructblip_base(model)
     adapter_names = adapter_parameter_names(base)
-    adapters = {name: param for name, param in base.named_parameters() if name in adapter_names}
-    adapter_flags = {name: param.requires_grad for name, param in adapters.items()}
+    adapter_flags = [(param, param.requires_grad) for name, param in base.named_parameters() if name in adapter_names]
     for part in FROZEN_PARTS:
         getattr(base, part).requires_grad_(False)
-    for name, flag in adapter_flags.items():
-        adapters[name].requires_grad_(flag)
-    base.qformer.requires_grad_(True)
-    base.query_tokens.requires_grad_(True)
-    base.language_projection.requires_grad_(True)
+    for param, flag in adapter_flags:  # as PEFT set them
+        param.requires_grad_(flag)
+    for part in TRAINED_PARTS:
+        getattr(base, part).requires_grad_(True)
     base.vision_model.post_layernorm.requires_grad_(train_post_layernorm)
     if frozen_in_eval:
         for part in FROZEN_PARTS:
@@ -142,10 +126,8 @@ def freeze_for_instruction_tuning(
 
 # --- trainable-only checkpoints -------------------------------------------------------------------------------
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights that train (`requires_grad`), PEFT adapters excluded (PEFT saves those itself).
-
-    Keys are the InstructBLIP state-dict keys (`qformer.*`, `query_tokens`, `language_projection.*`, ...).
-    """
+    """The weights that train (`requires_grad`), PEFT adapters excluded (PEFT saves those itself), under the
+    InstructBLIP state-dict keys (`qformer.*`, `query_tokens`, `language_projection.*`, ...)."""
     base = instructblip_base(model)
     adapters = adapter_parameter_names(base)
     return {name: param.detach().contiguous().cpu() for name, param in base.named_parameters()
@@ -161,11 +143,8 @@ def save_trainable_weights(model: nn.Module, directory: str | os.PathLike) -> Pa
 
 
 def load_trainable_weights(model: nn.Module, checkpoint: str | os.PathLike) -> list[str]:
-    """Load trainable-only weights on top of a base model; returns the names loaded.
-
-    `checkpoint` is the file or a directory holding `instructblip_trainable.safetensors` (as written by
-    `InstructBlipTrainer(save_trainable_only=True)` or for any PEFT run). Every key must exist in `model`
-    with the same shape.
+    """Load trainable-only weights (the file, or a directory holding `instructblip_trainable.safetensors`) on top
+    of a base model; returns the names loaded. Every key must exist in `model` with the same shape.
 
     Example:
         >>> model = InstructBlipForConditionalGeneration.from_pretrained("Salesforce/instructblip-vicuna-7b")

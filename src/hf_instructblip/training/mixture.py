@@ -1,9 +1,8 @@
 """Instruction mixture builder: several datasets + task names -> ConcatDataset, balanced sampler, collator.
 
-Each source is a map-style dataset of dicts (a Hugging Face `datasets.Dataset`, a list of dicts, ...) or a
-JSON-lines file of ``{"image", "question", "answer"}`` / ``{"image", "caption"}`` rows whose image paths are
-relative to the file's folder. Every example becomes ``{"image": PIL image, "instruction", "answer",
-"dataset"}`` through `make_instruction_record`, with a template of its task fixed by (seed, source, index).
+Each source is a map-style dataset of dicts (a `datasets.Dataset`, a list, ...) or a JSON-lines file of such rows;
+every example becomes ``{"image": PIL image, "instruction", "answer", "dataset"}`` through
+`make_instruction_record`, with a template of its task fixed by (seed, source, index).
 """
 
 from __future__ import annotations
@@ -25,14 +24,9 @@ from ..templates import make_instruction_record, template_family
 
 @dataclass(frozen=True)
 class MixtureSource:
-    """One dataset of the mixture.
-
-    Args:
-        name: dataset name (per-dataset logging, sampler multipliers by name).
-        data: a map-style dataset of dicts or the path of a JSON-lines file.
-        task: template family, category or paper dataset name (see `templates.template_family`);
-            defaults to `name`.
-        image_root: folder that relative image paths start from; defaults to a JSON-lines file's folder.
+    """One dataset of the mixture: `name` (logging, sampler multipliers), `data` (a map-style dataset of dicts or
+    a JSON-lines path), `task` (see `templates.template_family`; default `name`) and `image_root` (where relative
+    image paths start; default a JSON-lines file's folder).
 
     Example:
         >>> MixtureSource("my_vqa", "train.jsonl", task="vqa")
@@ -49,9 +43,8 @@ class InstructionDataset(Dataset):
     """A source's raw examples as collator records ``{image, instruction, answer, dataset}``.
 
     Example:
-        >>> data = InstructionDataset([{"image": image, "caption": "a dog"}], task="coco_caption")
-        >>> sorted(data[0])
-        ['answer', 'dataset', 'image', 'instruction']
+        >>> InstructionDataset([{"image": image, "caption": "a dog"}], task="coco_caption")[0]["answer"]
+        'a dog'
     """
 
     def __init__(self, data: Any, task: str, *, name: str | None = None, seed: int = 0,
@@ -61,16 +54,30 @@ class InstructionDataset(Dataset):
         template_family(task)  # fail now on an unknown task, not in a DataLoader worker
         self.data, self.task, self.name = data, task, task if name is None else name
         self.seed, self.image_root = seed, image_root
+        self._check_rows()
+
+    def _check_rows(self) -> None:
+        """Every row's fields, now rather than hours into training; images are only checked when read (a
+        `datasets.Dataset` is read without its image column, so nothing is decoded here)."""
+        columns = getattr(self.data, "column_names", None)
+        rows = self.data.remove_columns("image") if columns is not None and "image" in columns else self.data
+        for index in range(len(rows)):
+            example = rows[index]
+            if not isinstance(example, Mapping):
+                raise TypeError(f"{self.name}[{index}]: expected a dict example, got {type(example).__name__}")
+            if columns is None and example.get("image") is None:
+                raise ValueError(f"{self.name}[{index}]: expected an 'image', got fields {sorted(example)}")
+            try:
+                make_instruction_record({**example, "image": None}, self.task, seed=self.seed, index=index)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{self.name}[{index}]: {error}") from None
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        example = self.data[index]
-        if not isinstance(example, Mapping):
-            raise TypeError(f"{self.name}[{index}]: expected a dict example, got {type(example).__name__}")
-        record = make_instruction_record(example, self.task, seed=self.seed, index=index, dataset=self.name)
-        record["image"] = load_image(record["image"], self.image_root)
+        record = make_instruction_record(self.data[index], self.task, seed=self.seed, index=index, dataset=self.name)
+        record["image"] = load_image(record["image"], self.image_root, where=f"{self.name}[{index}] image")
         return record
 
 
@@ -102,30 +109,16 @@ def _source_dataset(source: MixtureSource, seed: int) -> InstructionDataset:
     return InstructionDataset(data, source.task or source.name, name=source.name, seed=seed, image_root=root)
 
 
-def _make_collator(processor: Any, decoder_only: bool | None, collator_kwargs: Mapping[str, Any] | None) -> Any:
-    if not isinstance(decoder_only, bool):
-        raise ValueError("decoder_only: expected a bool with a processor "
-                         f"(model.config.use_decoder_only_language_model), got {decoder_only!r}")
-    return InstructBlipDataCollator(processor, decoder_only=decoder_only, **dict(collator_kwargs or {}))
-
-
 def build_instruction_mixture(
-    sources: Sequence[MixtureSource] | Mapping[str, Any],
-    *,
-    processor: Any = None,
-    decoder_only: bool | None = None,
-    collator_kwargs: Mapping[str, Any] | None = None,
-    alpha: float = 0.5,
-    multipliers: Sequence[float] | Mapping[str | int, float] | None = None,
-    size_cap: int | None = None,
-    num_samples: int | None = None,
-    seed: int = 0,
+    sources: Sequence[MixtureSource] | Mapping[str, Any], *, processor: Any = None, decoder_only: bool | None = None,
+    collator_kwargs: Mapping[str, Any] | None = None, alpha: float = 0.5,
+    multipliers: Sequence[float] | Mapping[str | int, float] | None = None, size_cap: int | None = None,
+    num_samples: int | None = None, seed: int = 0,
 ) -> InstructionMixture:
     """Concatenate the sources as instruction records and balance them with `BalancedConcatSampler`.
 
-    A `{name: data}` dict uses each name as the task (a paper dataset, category or template family).
-    The collator is built when `processor` is given (otherwise `collator` is None). `seed` drives both the
-    sampler and the templates.
+    A `{name: data}` dict uses each name as the task. The collator is built when `processor` is given.
+    `seed` drives both the sampler and the templates.
 
     Example:
         >>> mixture = build_instruction_mixture(
@@ -141,5 +134,10 @@ def build_instruction_mixture(
     dataset = ConcatDataset([_source_dataset(source, seed) for source in sources])
     sampler = BalancedConcatSampler(dataset, alpha=alpha, multipliers=multipliers, size_cap=size_cap,
                                     num_samples=num_samples, names=names, seed=seed)
-    collator = _make_collator(processor, decoder_only, collator_kwargs) if processor is not None else None
+    collator = None
+    if processor is not None:
+        if not isinstance(decoder_only, bool):
+            raise ValueError("decoder_only: expected a bool with a processor "
+                             f"(model.config.use_decoder_only_language_model), got {decoder_only!r}")
+        collator = InstructBlipDataCollator(processor, decoder_only=decoder_only, **dict(collator_kwargs or {}))
     return InstructionMixture(dataset=dataset, sampler=sampler, collator=collator)

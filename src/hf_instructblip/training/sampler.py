@@ -2,15 +2,13 @@
 
 Dataset d is drawn with probability proportional to ``min(size_d, size_cap) ** alpha * multiplier_d``
 (alpha = 0.5 in the paper; 1 = plain concatenation; 0 = uniform over datasets). Every epoch draws an *exact*
-number of examples from each dataset (largest-remainder rounding of ``p_d * num_samples``), interleaved in a
-shuffled order. Inside a dataset the examples come from a stream of permutations without replacement that
-is reshuffled only when exhausted, and the stream continues across epochs: a down-sampled dataset reaches
-every example before repeating one, and an up-sampled one repeats nothing before a full pass.
+number of examples from each dataset (largest-remainder rounding), interleaved in a shuffled order. Inside a
+dataset the examples come from a stream of permutations that continues across epochs: no example repeats
+before a full pass over its dataset.
 
-Why a pure function of (seed, epoch): under `Trainer` + accelerate every process iterates its own copy of
-the sampler and accelerate's `BatchSamplerShard` hands each rank every n-th batch of that sequence; the
-ranks agree on the sequence only if it never depends on process-local state such as the global RNG. The
-same property makes resume exact: accelerate's `skip_first_batches` fast-forwards the identical sequence.
+Why a pure function of (seed, epoch): every process iterates its own copy of the sampler and accelerate hands
+each rank every n-th batch of it, so the ranks agree only if the sequence never depends on process-local state
+such as the global RNG; it also makes resuming (`skip_first_batches`) exact.
 """
 
 from __future__ import annotations
@@ -51,9 +49,8 @@ def _sizes_of(datasets: ConcatDataset | Sequence[int]) -> list[int]:
     if isinstance(datasets, ConcatDataset):
         return [len(part) for part in datasets.datasets]
     if isinstance(datasets, (str, bytes)) or not isinstance(datasets, Sequence):
-        raise TypeError(
-            f"datasets: expected a torch ConcatDataset or a list of dataset sizes, got {type(datasets).__name__}"
-        )
+        raise TypeError(f"datasets: expected a torch ConcatDataset or a list of dataset sizes, "
+                        f"got {type(datasets).__name__}")
     if len(datasets) == 0:
         raise ValueError("datasets: expected at least one dataset, got an empty list")
     return [_check_int(f"datasets[{i}] (a dataset size)", size, 0) for i, size in enumerate(datasets)]
@@ -76,9 +73,8 @@ def _resolve_multipliers(
             elif isinstance(key, (int, np.integer)) and not isinstance(key, bool) and -count <= key < count:
                 position = int(key) % count
             else:
-                raise ValueError(
-                    f"multipliers: keys must be dataset names {list(names)} or indices in [0, {count}), got {key!r}"
-                )
+                raise ValueError(f"multipliers: keys must be dataset names {list(names)} or indices in "
+                                 f"[0, {count}), got {key!r}")
             resolved[position] = _check_weight(f"multipliers[{key!r}]", value)
         return resolved
     if isinstance(multipliers, (str, bytes)) or not isinstance(multipliers, Sequence):
@@ -89,11 +85,8 @@ def _resolve_multipliers(
 
 
 def mixture_weights(
-    sizes: Sequence[int],
-    alpha: float = 0.5,
-    multipliers: Sequence[float] | Mapping[str | int, float] | None = None,
-    size_cap: int | None = None,
-    names: Sequence[str] | None = None,
+    sizes: Sequence[int], alpha: float = 0.5, multipliers: Sequence[float] | Mapping[str | int, float] | None = None,
+    size_cap: int | None = None, names: Sequence[str] | None = None,
 ) -> list[float]:
     """Unnormalised weights ``min(size, size_cap) ** alpha * multiplier``, validated.
 
@@ -110,10 +103,8 @@ def mixture_weights(
         effective = min(size, size_cap) if size_cap is not None else size
         weight = float(effective) ** alpha * factor  # 0 ** 0 == 1: alpha = 0 weighs an empty dataset too
         if size == 0 and weight > 0:
-            raise ValueError(
-                f"datasets: {name!r} has size 0 but weight {weight:g} (alpha={alpha:g}, multiplier={factor:g}); "
-                "give it multiplier 0 or remove it"
-            )
+            raise ValueError(f"datasets: {name!r} has size 0 but weight {weight:g} (alpha={alpha:g}, "
+                             f"multiplier={factor:g}); give it multiplier 0 or remove it")
         weights.append(weight)
     if not any(weights):
         raise ValueError(f"weights: all dataset weights are 0 (sizes={list(sizes)}, multipliers={factors})")
@@ -121,9 +112,8 @@ def mixture_weights(
 
 
 def largest_remainder_counts(weights: Sequence[float], total: int) -> list[int]:
-    """Split `total` into integers proportional to `weights`, exactly (Hamilton's method).
-
-    Exact rational arithmetic so the split never depends on float rounding; ties go to the lower index.
+    """Split `total` into integers proportional to `weights` (Hamilton's method), in exact rational arithmetic so
+    the split never depends on float rounding; ties go to the lower index.
 
     >>> largest_remainder_counts([1.0, 1.0, 1.0], 10)
     [4, 3, 3]
@@ -147,10 +137,8 @@ def _as_ints(indices: np.ndarray, chunk: int = 1 << 16) -> Iterator[int]:
 class BalancedConcatSampler(Sampler[int]):
     """Samples indices of a `ConcatDataset` with per-dataset probabilities ``size ** alpha * multiplier``.
 
-    The global index sequence of an epoch is a pure function of ``(seed, epoch)``: no global RNG, so every
-    process of a distributed run builds the same sequence and accelerate shards it by batches. Call
-    ``set_epoch`` (Trainer and accelerate do) for a new order; ``SamplerEpochCallback`` keeps the epoch right
-    after resuming mid-epoch on several processes (`InstructBlipTrainer` adds it; with a plain `Trainer`, pass it). For no duplicated samples
+    The order of an epoch is a pure function of ``(seed, epoch)``; ``set_epoch`` selects the epoch (with a plain
+    `Trainer`, pass ``SamplerEpochCallback`` too; `InstructBlipTrainer` adds it). For no duplicated samples
     across ranks, make ``num_samples`` a multiple of the global batch size (accelerate pads the last batch
     by cycling from the start otherwise).
 
@@ -160,21 +148,13 @@ class BalancedConcatSampler(Sampler[int]):
         >>> sampler = BalancedConcatSampler(data, names=["a", "b", "c"], seed=0)  # alpha = 0.5: sqrt(size)
         >>> sampler.counts  # per epoch, exact: 1400 * (10, 20, 30) / 60 with largest-remainder rounding
         (233, 467, 700)
-        >>> sampler.set_epoch(1); order = list(sampler)
-        >>> sampler.dataset_index(order[0]) in (0, 1, 2)
-        True
+        >>> sampler.set_epoch(1)  # Trainer and accelerate call it every epoch
     """
 
     def __init__(
-        self,
-        datasets: ConcatDataset | Sequence[int],
-        *,
-        alpha: float = 0.5,
-        multipliers: Sequence[float] | Mapping[str | int, float] | None = None,
-        size_cap: int | None = None,
-        num_samples: int | None = None,
-        names: Sequence[str] | None = None,
-        seed: int = 0,
+        self, datasets: ConcatDataset | Sequence[int], *, alpha: float = 0.5,
+        multipliers: Sequence[float] | Mapping[str | int, float] | None = None, size_cap: int | None = None,
+        num_samples: int | None = None, names: Sequence[str] | None = None, seed: int = 0,
     ) -> None:
         sizes = _sizes_of(datasets)
         if names is None:
@@ -187,8 +167,7 @@ class BalancedConcatSampler(Sampler[int]):
         self.names: tuple[str, ...] = tuple(names)
         self.alpha = _check_weight("alpha", alpha)
         self.weights: tuple[float, ...] = tuple(mixture_weights(sizes, alpha, multipliers, size_cap, names))
-        total = sum(sizes)
-        self.num_samples = total if num_samples is None else _check_int("num_samples", num_samples, 1)
+        self.num_samples = sum(sizes) if num_samples is None else _check_int("num_samples", num_samples, 1)
         self.counts: tuple[int, ...] = tuple(largest_remainder_counts(self.weights, self.num_samples))
         self._offsets = [0, *np.cumsum(sizes).tolist()]  # ConcatDataset index of each dataset's first example
         self.seed = _check_int("seed", seed, 0)
@@ -292,10 +271,9 @@ class BalancedConcatSampler(Sampler[int]):
 class SamplerEpochCallback(TrainerCallback):
     """Sets a sampler's epoch from `Trainer`'s state at the start of every epoch, resumed ones included.
 
-    Why: on several processes, when `Trainer` resumes mid-epoch it wraps the sharded batch sampler in
-    accelerate's `SkipBatchSampler`, and its `set_epoch` no longer reaches the sampler, which would replay
-    epoch 0's order. At `on_epoch_begin`, ``int(state.epoch)`` is the epoch about to run: whole epochs
-    finished (fresh run) or ``global_step / steps_per_epoch`` rounded down (restored from the checkpoint).
+    Why: on several processes, a mid-epoch resume wraps the sharded batch sampler in accelerate's
+    `SkipBatchSampler`, whose `set_epoch` no longer reaches the sampler, which would replay epoch 0's order.
+    At `on_epoch_begin`, ``int(state.epoch)`` is the epoch about to run, fresh or restored from a checkpoint.
 
     Example:
         >>> sampler = BalancedConcatSampler([10, 20])

@@ -6,14 +6,8 @@ What it changes, and why:
 - gradient accumulation is exact on both LLM paths: the model normalises its own loss by `num_items_in_batch`,
   which `Trainer` counts over shifted labels only for decoder-only LLMs (the config's `is_encoder_decoder`
   mirrors the LLM's: for T5 every label is a target).
-- `train_sampler`: any `torch.utils.data.Sampler` (e.g. the balanced mixture sampler) drives the train loader.
 - records named by `dataset` get per-dataset sample counts and loss in the logs.
-- `fused_head_loss=True` (default): training forwards take the loss through the frozen LM head without keeping
-  `[tokens, vocab]` logits (`model/loss.py`); evaluation forwards keep their logits for `compute_metrics`.
-- `vision_feature_cache`: a `VisionFeatureCache` that encodes each image (named by `image_id`) once.
-- saving: the full model by default (loadable with `from_pretrained`); `save_trainable_only=True` writes only
-  the trained weights (`instructblip_trainable.safetensors`, see `load_trainable_weights`). PEFT runs always
-  write that file next to the adapter, since the Q-Former is not part of the adapter.
+- PEFT runs also save `instructblip_trainable.safetensors` next to the adapter: the Q-Former is not part of it.
 """
 
 from __future__ import annotations
@@ -24,6 +18,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from torch.utils.data import Sampler
 from transformers import Trainer
 from transformers.utils import (
@@ -42,27 +37,16 @@ from .sampler import SamplerEpochCallback
 from .vision_cache import VisionFeatureCache
 
 
-def _is_peft_model(model: torch.nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
 class InstructBlipTrainer(Trainer):
     """`Trainer` for InstructBLIP instruction tuning (Q-Former only, optionally + PEFT adapters).
 
     Args (besides `Trainer`'s):
-        train_sampler: sampler for the training DataLoader, e.g. a balanced mixture sampler over a
-            `ConcatDataset`. It must yield the same indices on every process (seed it, avoid global RNG):
-            accelerate splits its batches across processes. When it has `set_epoch(epoch)`, a
-            `SamplerEpochCallback` is added so every epoch, a resumed one included, gets its own order.
-            None -> `Trainer`'s default (random) sampler.
+        train_sampler: sampler for the training DataLoader (None: `Trainer`'s random one). It must yield the same
+            indices on every process (seed it, avoid global RNG); with `set_epoch`, a `SamplerEpochCallback` is added.
         save_trainable_only: save only the trained weights (`instructblip_trainable.safetensors`) instead of
             the full model; load them with `load_trainable_weights(base_model, checkpoint_dir)`.
-        fused_head_loss: pass `fused_head_loss=True` to training forwards (less memory, same loss; see the model's
-            `forward`). False: the stock behaviour, logits included.
+        fused_head_loss: training forwards take the loss through the frozen LM head without keeping `[tokens,
+            vocab]` logits (less memory, same loss); evaluation forwards keep theirs for `compute_metrics`.
         vision_feature_cache: look batches' `image_ids` up in this cache and hand the model `image_embeds`
             (frozen vision encoder only). Without it, `image_ids` are dropped.
 
@@ -102,11 +86,8 @@ class InstructBlipTrainer(Trainer):
         self._shift = config.use_decoder_only_language_model  # decoder-only labels are read shifted by one
 
     def _add_sampler_epoch_callback(self) -> None:
-        """Drive `train_sampler.set_epoch` from `Trainer`'s state, unless the caller already did.
-
-        Why: when a run on several processes resumes mid-epoch, accelerate's `SkipBatchSampler` hides the
-        sampler from `Trainer`'s own `set_epoch` calls, and the resumed epoch would replay epoch 0's order.
-        """
+        """Drive `train_sampler.set_epoch` from `Trainer`'s state (see `SamplerEpochCallback`), unless the caller
+        already did."""
         sampler = self.train_sampler
         if not callable(getattr(sampler, "set_epoch", None)):
             return
@@ -136,10 +117,7 @@ class InstructBlipTrainer(Trainer):
 
     # --- loss + per-dataset statistics ----------------------------------------------------------------
     def compute_loss(
-        self,
-        model: torch.nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
+        self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """`Trainer.compute_loss` after removing the `dataset` names, which are recorded for the logs, and looking
@@ -176,22 +154,17 @@ class InstructBlipTrainer(Trainer):
         for name in names:
             self._dataset_samples[name] += 1
 
-    def _collect_pending_loss(self) -> None:
+    def _dataset_logs(self) -> dict[str, float]:
+        """`dataset/<name>/samples` (cumulative, all processes) and `dataset/<name>/loss` (since the last log)."""
         for names, sums, counts in self._pending_loss:
             for name, total, count in zip(names, sums.tolist(), counts.tolist()):
                 self._dataset_loss[name][0] += total
                 self._dataset_loss[name][1] += count
         self._pending_loss.clear()
-
-    def _dataset_logs(self) -> dict[str, float]:
-        """`dataset/<name>/samples` (cumulative, all processes) and `dataset/<name>/loss` (since the last log)."""
-        self._collect_pending_loss()
         stats = {name: (self._dataset_samples[name], *self._dataset_loss[name]) for name in self._dataset_samples}
         self._dataset_loss.clear()
         per_process = [stats]
         if self.args.world_size > 1:  # every process logs at the same step, so this collective is safe
-            from accelerate.utils import gather_object
-
             per_process = gather_object([stats])
         merged: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
         for process_stats in per_process:
@@ -215,7 +188,7 @@ class InstructBlipTrainer(Trainer):
         """Full model (or PEFT adapter) as `Trainer` does, or only the trained weights; PEFT runs add those."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        peft = _is_peft_model(model)
+        peft = instructblip_base(model) is not model  # a PEFT model wraps the InstructBLIP one
         if not self.save_trainable_only:
             super().save_model(output_dir, _internal_call=_internal_call)
         elif self.args.should_save:
@@ -242,7 +215,6 @@ class InstructBlipTrainer(Trainer):
     def _load_best_model(self) -> None:
         """`Trainer`'s best-model loading, then the best checkpoint's trainable weights (which it does not know)."""
         best = self.state.best_model_checkpoint
-        trainable = os.path.join(best, TRAINABLE_WEIGHTS_NAME) if best else None
-        if trainable is None or not os.path.isfile(trainable):
+        if not best or not os.path.isfile(os.path.join(best, TRAINABLE_WEIGHTS_NAME)):
             return super()._load_best_model()
         self._load_from_checkpoint(best)

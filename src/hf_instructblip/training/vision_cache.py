@@ -1,23 +1,9 @@
 """Opt-in cache of frozen vision features, so a multi-epoch run encodes each image once.
 
-With the vision encoder frozen (InstructBLIP's recipe) and a deterministic image processor (transformers'
-`BlipImageProcessor` is: resize + normalise, no augmentation), an image's features are the same every epoch.
-At the official shapes the ViT-g forward is a large share of a Q-Former-only training step, and it is pure
-recomputation from the second epoch on.
-
-Records name their image with an integer `image_id` (the collator turns them into `image_ids`); the cache looks
-each id up, runs the vision encoder only on the misses, and hands the model `image_embeds` in place of
-`pixel_values`. The model itself stays stateless: the cache belongs to whoever calls it (`InstructBlipTrainer`,
-or your own loop through `model_inputs`). An id must name one image across everything the model sees, and its
-*preprocessed* pixels must not change: with random augmentation, do not use the cache.
-
-Example:
-    >>> cache = VisionFeatureCache()  # features kept on the CPU by default
-    >>> trainer = InstructBlipTrainer(model, args, train_dataset=records, data_collator=collator,
-    ...                               vision_feature_cache=cache)
-    >>> trainer.train()  # batches carry `image_ids`; epoch 2 on runs no vision encoder
-    >>> cache.hits, cache.misses, len(cache)
-    >>> model.generate(**cache.model_inputs(model, batch))  # the same lookup outside the trainer
+With the vision encoder frozen (InstructBLIP's recipe) and a deterministic image processor (`BlipImageProcessor`:
+resize + normalise, no augmentation), an image's features are the same every epoch, and the ViT-g forward, a
+large share of a Q-Former-only training step, is pure recomputation from the second epoch on. The model stays
+stateless: the cache belongs to whoever calls it (`InstructBlipTrainer`, or your own loop through `model_inputs`).
 """
 
 from __future__ import annotations
@@ -27,8 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..model.vision_encoder import check_pixel_values
-
+from ..model.inputs import check_pixel_values
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -36,12 +21,19 @@ INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8
 class VisionFeatureCache:
     """Vision features `[N, D]` per `(image_id, height, width)`, stored on `storage_device` (default CPU).
 
-    Ids must be unique across everything the model sees while the cache is on (all datasets of a mixture:
-    renumber, or offset each dataset's ids). Each entry keeps a fingerprint of its pixels, and a hit whose pixels
-    differ raises instead of returning another image's features.
-
-    Memory: `N * D` values per image in the model dtype, e.g. 257 x 1408 in bf16 = 0.7 MiB for EVA ViT-g at
+    Records name their image with an integer `image_id` (the collator makes them `image_ids`); the vision encoder
+    runs on the misses only. Ids must be unique across everything the model sees while the cache is on (all
+    datasets of a mixture: renumber, or offset each dataset's ids), and preprocessing must not be random. Each
+    entry keeps a fingerprint of its pixels: a hit whose pixels differ raises instead of returning another
+    image's features. Memory: `N * D` values per image in the model dtype, e.g. 0.7 MiB in bf16 for EVA ViT-g at
     224 px (10,000 images: 7 GiB), per process. Counters `hits` / `misses` count images.
+
+    Example:
+        >>> cache = VisionFeatureCache()
+        >>> trainer = InstructBlipTrainer(model, args, train_dataset=records, data_collator=collator,
+        ...                               vision_feature_cache=cache)
+        >>> trainer.train()  # epoch 2 on runs no vision encoder
+        >>> model.generate(**cache.model_inputs(model, batch))  # the same lookup outside the trainer
     """
 
     def __init__(self, storage_device: str | torch.device = "cpu"):
@@ -74,7 +66,7 @@ class VisionFeatureCache:
         pixel_values = inputs.pop("pixel_values", None)
         if pixel_values is None:
             raise ValueError("`image_ids` come without `pixel_values`: the cache encodes the pixels of new ids.")
-        check_pixel_values(pixel_values, vision_model.config.image_size, interpolate)
+        check_pixel_values(pixel_values, vision_model.config.image_size, vision_model.config.patch_size, interpolate)
 
         def encode(pixels: torch.Tensor) -> torch.Tensor:
             return vision_model(pixels, interpolate_pos_encoding=interpolate).last_hidden_state
@@ -84,10 +76,7 @@ class VisionFeatureCache:
         return inputs
 
     def features(
-        self,
-        image_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
-        encode: Callable[[torch.Tensor], torch.Tensor],
+        self, image_ids: torch.Tensor, pixel_values: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """Features `[B, N, D]` for `pixel_values` `[B, 3, H, W]`; `encode` runs on the uncached rows only."""
         keys = [(image_id, *pixel_values.shape[-2:]) for image_id in check_image_ids(image_ids, pixel_values)]
