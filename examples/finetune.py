@@ -32,7 +32,8 @@ from hf_instructblip import (  # noqa: E402
     freeze_for_instruction_tuning,
     load_trainable_weights,
 )
-from hf_instructblip.training.mixture import load_image, read_json_lines  # noqa: E402
+from hf_instructblip.json_lines import read_json_lines  # noqa: E402
+from hf_instructblip.model.images import load_image  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -76,8 +76,10 @@ def check_labels(labels: torch.Tensor, input_ids: torch.Tensor | None, vocab_siz
                              f"found {found}.")
 
 
-def check_image_token(config: PretrainedConfig, vocab_size: int) -> None:
-    """The image placeholder is a row of the LLM's embedding table."""
+def image_placeholder_mask(config: PretrainedConfig, input_ids: torch.Tensor | None, batch: int,
+                           vocab_size: int) -> torch.Tensor:
+    """Boolean `[B, L]` mask of the image placeholders in `input_ids`, checked to hold exactly
+    `num_query_tokens` per row (transformers' InstructBLIP would silently drop the image or some queries)."""
     token = config.image_token_index
     if token is None:
         raise ValueError("config.image_token_index is unset, so the image cannot be placed in the prompt. Set it to "
@@ -85,26 +87,19 @@ def check_image_token(config: PretrainedConfig, vocab_size: int) -> None:
     if not 0 <= token < vocab_size:
         raise ValueError(f"config.image_token_index ({token}) is not a row of the LLM's {vocab_size}-row embedding; "
                          "call `sync_image_token(model, processor)`, which resizes the embeddings to the tokenizer.")
-
-
-def image_placeholder_mask(config: PretrainedConfig, input_ids: torch.Tensor | None, batch: int,
-                           vocab_size: int) -> torch.Tensor:
-    """Boolean `[B, L]` mask of the image placeholders in `input_ids`, checked to hold exactly
-    `num_query_tokens` per row (transformers' InstructBLIP would silently drop the image or some queries)."""
-    check_image_token(config, vocab_size)
     if input_ids is None:
         raise ValueError("`input_ids` is required: it carries the image placeholder tokens.")
     if input_ids.dim() != 2 or input_ids.shape[0] != batch:
         raise ValueError(f"`input_ids` must have shape [{batch}, length] to match the {batch} images, found "
                          f"{_shape(input_ids)}.")
-    mask = input_ids == config.image_token_index
+    mask = input_ids == token
     if reads_values():  # a host sync; under compile / export tracing the processor's layout is trusted
         expected = config.num_query_tokens
         wrong = {row: n for row, n in enumerate(mask.sum(dim=1).tolist()) if n != expected}
         if wrong:
             raise ValueError(f"Each row of `input_ids` must hold exactly num_query_tokens={expected} image "
-                             f"placeholder tokens (id {config.image_token_index}); found (row: count) {wrong}. "
-                             "Build inputs with the InstructBlipProcessor.")
+                             f"placeholder tokens (id {token}); found (row: count) {wrong}. Build inputs with the "
+                             "InstructBlipProcessor.")
     return mask
 
 

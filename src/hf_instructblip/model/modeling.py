@@ -108,11 +108,8 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         image_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> InstructBlipImageFeatures:
-        """Images (+ instruction for the Q-Former) -> `pooler_output` `[B, Q, D_llm]`.
-
-        `image_embeds` `[B, N, D_vision]`: the vision encoder's `last_hidden_state`, computed earlier (e.g. by a
-        feature cache, see `hf_instructblip.training.vision_cache`); given, `pixel_values` are not read.
-        """
+        """Images (+ instruction for the Q-Former) -> `pooler_output` `[B, Q, D_llm]`. `image_embeds` `[B, N, D_vision]`
+        (the vision encoder's `last_hidden_state`, e.g. from a feature cache) replace `pixel_values` when given."""
         vision_outputs = self._vision_outputs(pixel_values, interpolate_pos_encoding, image_embeds)
         image_embeds = vision_outputs.last_hidden_state  # [B, N, D_vision]
         batch = image_embeds.shape[0]
@@ -198,6 +195,18 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
             attention_mask = attention_mask.gather(1, order)
         return inputs_embeds, attention_mask
 
+    def _encode_call(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
+                     inputs_embeds, interpolate_pos_encoding, image_embeds, labels=None):
+        """Check one `forward` / `generate` call, then encode its images and fill the LLM's inputs:
+        `(image features output, inputs_embeds [B, L, D_llm], attention_mask [B, L])`."""
+        check_call(self.config, input_ids, pixel_values=pixel_values, image_embeds=image_embeds,
+                   attention_mask=attention_mask, qformer_input_ids=qformer_input_ids,
+                   qformer_attention_mask=qformer_attention_mask, labels=labels)
+        image = self.get_image_features(
+            pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding, image_embeds
+        )
+        return image, *self.prepare_llm_inputs(input_ids, image.pooler_output, attention_mask, inputs_embeds)
+
     # --- training / scoring forward -------------------------------------------------------------------
     def forward(
         self,
@@ -226,14 +235,9 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
           in place; otherwise the loss is computed from the logits (same values) and they are still not returned.
         `image_embeds` (precomputed vision features) may replace `pixel_values`, see `get_image_features`.
         """
-        check_call(self.config, input_ids, pixel_values=pixel_values, image_embeds=image_embeds,
-                           attention_mask=attention_mask, qformer_input_ids=qformer_input_ids,
-                           qformer_attention_mask=qformer_attention_mask, labels=labels)
-        image = self.get_image_features(
-            pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding, image_embeds
-        )
-        inputs_embeds, attention_mask = self.prepare_llm_inputs(input_ids, image.pooler_output, attention_mask,
-                                                                inputs_embeds)
+        image, inputs_embeds, attention_mask = self._encode_call(
+            pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, inputs_embeds,
+            interpolate_pos_encoding, image_embeds, labels=labels)
         llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **kwargs}
         llm_inputs.pop("return_dict", None)  # we always return our output class
         if not self.config.use_decoder_only_language_model:
@@ -280,18 +284,14 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         Decoder-only LLMs return the prompt ids followed by the new tokens (as transformers' InstructBLIP);
         encoder-decoder LLMs return the decoder ids.
         """
-        check_call(self.config, input_ids, pixel_values=pixel_values, image_embeds=image_embeds,
-                           attention_mask=attention_mask, qformer_input_ids=qformer_input_ids,
-                           qformer_attention_mask=qformer_attention_mask)
-        image = self.get_image_features(
-            pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding, image_embeds
-        )
-        features = image.pooler_output  # [B, Q, D_llm]
-        if input_ids is None:
+        images = pixel_values if pixel_values is not None else image_embeds
+        if input_ids is None and images is not None:  # no prompt: plain captioning
             if inputs_embeds is not None:
                 raise ValueError("`input_ids` is required with `inputs_embeds`: it marks the image placeholders.")
-            input_ids = self._default_prompt(features.shape[0], features.device)
-        inputs_embeds, attention_mask = self.prepare_llm_inputs(input_ids, features, attention_mask, inputs_embeds)
+            input_ids = self._default_prompt(images.shape[0], images.device)
+        _, inputs_embeds, attention_mask = self._encode_call(
+            pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, inputs_embeds,
+            interpolate_pos_encoding, image_embeds)
         llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
         if self.config.use_decoder_only_language_model:
             llm_inputs["input_ids"] = input_ids  # so the returned sequences start with the prompt

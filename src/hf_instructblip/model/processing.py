@@ -118,12 +118,7 @@ class HfInstructBlipProcessor(ProcessorMixin):
         Accepts PIL images (any mode), numpy arrays and torch tensors (HW, HWC or CHW; uint8 0-255 or float
         0-1), one at a time, as a list, or as a `[B, ...]` batch. Extra keywords go to the image processor.
         """
-        unknown = set(images_kwargs) - _IMAGE_KWARGS
-        if unknown:
-            raise TypeError(
-                f"Unknown image processor arguments {sorted(unknown)}; expected some of {sorted(_IMAGE_KWARGS)}."
-            )
-        return self._pixel_values(to_rgb_images(images), return_tensors, images_kwargs)
+        return self._pixel_values(to_rgb_images(images), return_tensors, self._split_image_kwargs(images_kwargs))
 
     def _pixel_values(self, images: list[Image.Image], return_tensors: str | None, images_kwargs: dict) -> Any:
         return self.image_processor(images, return_tensors=return_tensors, **images_kwargs)["pixel_values"]

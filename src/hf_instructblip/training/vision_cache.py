@@ -45,10 +45,6 @@ class VisionFeatureCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self.hits = self.misses = 0
-
     def model_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         """`inputs` with `image_ids` and `pixel_values` replaced by the cached `image_embeds` of the model's vision
         encoder (encoded now where missing); inputs without `image_ids` are returned without them, unchanged."""
