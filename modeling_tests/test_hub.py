@@ -97,6 +97,22 @@ def tiny_model(processor: InstructBlipProcessor, seed: int = 0) -> InstructBlipF
     return tiny.randomize_(model, seed=seed).eval()
 
 
+def local_imports(folder: Path, roots: set[str]) -> set[str]:
+    """`roots` and every module of `folder` they reach through `from .x import` (ast, transitively)."""
+    import ast
+
+    found, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        for node in ast.walk(ast.parse((folder / name).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                todo.append(f"{node.module}.py")
+    return found
+
+
 def logits(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
@@ -112,9 +128,11 @@ def test_push_writes_a_folder_that_loads_with_remote_code_in_a_fresh_process(hub
     paths = set(hub.commits[0]["paths"])
     assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json",
             "qformer_tokenizer/tokenizer.json", "README.md"} <= paths
-    # The code shipped is exactly the remote-code folder `hf_instructblip/model/`, nothing of training or evaluation.
+    # The code shipped is the model's and the processor's modules in `hf_instructblip/model/` with what they import
+    # (read from the sources here), nothing of training or evaluation.
     model_folder = Path(hf_instructblip.model.__file__).parent
-    shipped = {p.name for p in model_folder.glob("*.py")} - {"__init__.py"}
+    shipped = local_imports(model_folder, {"modeling.py", "processing.py"})
+    assert {"configuration.py", "vision_encoder.py", "qformer.py", "loss.py", "images.py"} <= shipped
     assert {p for p in paths if p.endswith(".py")} == shipped
     for name in shipped:
         assert (hub.root / REPO / name).read_bytes() == (model_folder / name).read_bytes(), name

@@ -76,10 +76,11 @@ def check_labels(labels: torch.Tensor, input_ids: torch.Tensor | None, vocab_siz
                              f"found {found}.")
 
 
-def image_placeholder_mask(config: PretrainedConfig, input_ids: torch.Tensor | None, batch: int,
+def image_placeholder_mask(config: PretrainedConfig, input_ids: torch.Tensor | None, batch: int, tokens: int,
                            vocab_size: int) -> torch.Tensor:
-    """Boolean `[B, L]` mask of the image placeholders in `input_ids`, checked to hold exactly
-    `num_query_tokens` per row (transformers' InstructBLIP would silently drop the image or some queries)."""
+    """Boolean `[B, L]` mask of the image placeholders in `input_ids`, checked to hold exactly `tokens` per row, one
+    per soft visual token (`num_query_tokens` per image; transformers' InstructBLIP would silently drop the image
+    or some queries)."""
     token = config.image_token_index
     if token is None:
         raise ValueError("config.image_token_index is unset, so the image cannot be placed in the prompt. Set it to "
@@ -94,12 +95,11 @@ def image_placeholder_mask(config: PretrainedConfig, input_ids: torch.Tensor | N
                          f"{_shape(input_ids)}.")
     mask = input_ids == token
     if reads_values():  # a host sync; under compile / export tracing the processor's layout is trusted
-        expected = config.num_query_tokens
-        wrong = {row: n for row, n in enumerate(mask.sum(dim=1).tolist()) if n != expected}
+        wrong = {row: n for row, n in enumerate(mask.sum(dim=1).tolist()) if n != tokens}
         if wrong:
-            raise ValueError(f"Each row of `input_ids` must hold exactly num_query_tokens={expected} image "
-                             f"placeholder tokens (id {token}); found (row: count) {wrong}. Build inputs with the "
-                             "InstructBlipProcessor.")
+            raise ValueError(f"Each row of `input_ids` must hold exactly {tokens} image placeholder tokens (id "
+                             f"{token}; num_query_tokens={config.num_query_tokens} per image); found (row: count) "
+                             f"{wrong}. Build inputs with the InstructBlipProcessor.")
     return mask
 
 

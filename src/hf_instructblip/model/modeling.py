@@ -170,7 +170,8 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The LLM's `inputs_embeds` `[B, L, D_llm]` and `attention_mask` `[B, L]`: the placeholders of `input_ids`
-        (exactly `num_query_tokens` per row, checked) replaced by `image_features` `[B, Q, D_llm]`.
+        (exactly one per visual token: `num_query_tokens` per image, checked) replaced by `image_features`
+        `[B, Q, D_llm]`.
 
         For an encoder-decoder LLM every row's padding is moved to its end, since T5's relative positions would
         otherwise count the pads that a left-padded batch holds between the image placeholders and the prompt.
@@ -180,7 +181,7 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
             >>> embeds, mask = model.prepare_llm_inputs(input_ids, features, attention_mask)
             >>> model.language_model(inputs_embeds=embeds, attention_mask=mask)
         """
-        mask = image_placeholder_mask(self.config, input_ids, image_features.shape[0],
+        mask = image_placeholder_mask(self.config, input_ids, *image_features.shape[:2],
                                       self.get_input_embeddings().num_embeddings)  # [B, L]
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
