@@ -251,7 +251,9 @@ def test_gradient_checkpointing_gives_same_gradients():
 def test_half_precision_loading(tmp_path, dtype):
     make_ours("llama", seed=10).save_pretrained(tmp_path)
     model = InstructBlipForConditionalGeneration.from_pretrained(tmp_path, dtype=dtype).eval()
-    assert {p.dtype for p in model.parameters()} == {dtype}
+    reference = RefModel.from_pretrained(tmp_path, dtype=dtype)  # keeps `query_tokens` in fp32 for fp16
+    assert {n: p.dtype for n, p in model.named_parameters()} == {n: p.dtype for n, p in reference.named_parameters()}
+    assert {p.dtype for n, p in model.named_parameters() if n != "query_tokens"} == {dtype}
     with torch.no_grad():
         logits = model(**batch_inputs(seed=10)).logits
         full = InstructBlipForConditionalGeneration.from_pretrained(tmp_path).eval()(**batch_inputs(seed=10)).logits
@@ -384,14 +386,95 @@ def test_t5_generate_without_a_prompt_captions():
     assert torch.equal(out, expected)
 
 
-def test_error_inputs_embeds_without_input_ids(model):
+def test_error_neither_input_ids_nor_inputs_embeds_in_forward(model):
     inputs = batch_inputs()
-    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
-    with pytest.raises(ValueError, match="`input_ids` is required with `inputs_embeds`"):
-        model.generate(**inputs, inputs_embeds=embeds, max_new_tokens=1)
+    inputs.pop("input_ids")
+    with pytest.raises(ValueError, match="`input_ids` is required"):
+        model(**{**inputs, "attention_mask": None})
 
 
-def test_return_dict_false_is_accepted(model):
+def test_return_dict_false_returns_tuples_like_transformers(model):
+    inputs = batch_inputs()
     with torch.no_grad():
-        expected = model(**batch_inputs()).logits
-        torch.testing.assert_close(model(**batch_inputs(), return_dict=False).logits, expected, atol=0, rtol=0)
+        expected = model(**inputs)
+        output = model(**inputs, return_dict=False)
+        features = model.get_image_features(inputs["pixel_values"], inputs["qformer_input_ids"], return_dict=False)
+        vision = model.vision_model(inputs["pixel_values"], return_dict=False)
+    assert isinstance(output, tuple) and torch.equal(output[0], expected.logits)
+    assert isinstance(features, tuple) and isinstance(vision, tuple)
+    torch.testing.assert_close(features[1], model.get_image_features(
+        inputs["pixel_values"], inputs["qformer_input_ids"]).pooler_output, atol=0, rtol=0)
+
+
+def test_vision_and_image_feature_outputs_match_transformers(pair):
+    """`pooler_output` of the vision model, hidden states from the config, and `get_image_features`' fields."""
+    _, reference, ours, _ = pair
+    inputs = batch_inputs(seed=14)
+    ours.vision_model.config.output_hidden_states = True
+    try:
+        with torch.no_grad():
+            mine, theirs = ours.vision_model(inputs["pixel_values"]), reference.vision_model(inputs["pixel_values"])
+            features = ours.get_image_features(inputs["pixel_values"], inputs["qformer_input_ids"],
+                                               inputs["qformer_attention_mask"])
+            expected = reference.get_image_features(inputs["pixel_values"], inputs["qformer_input_ids"],
+                                                    inputs["qformer_attention_mask"])
+    finally:
+        ours.vision_model.config.output_hidden_states = False
+    torch.testing.assert_close(mine.pooler_output, theirs.pooler_output, atol=1e-5, rtol=0)
+    assert len(mine.hidden_states) == ours.config.vision_config.num_hidden_layers + 1
+    for name in ("last_hidden_state", "pooler_output"):
+        torch.testing.assert_close(getattr(features, name), getattr(expected, name), atol=1e-5, rtol=0, msg=name)
+    assert features.qformer_outputs is not None and features.vision_outputs is not None
+
+
+def test_shift_labels_are_scored_as_given():
+    """Sequence-parallel training passes labels already shifted: position t is scored against shift_labels[t]."""
+    model = make_ours("llama", seed=15)
+    inputs = batch_inputs(seed=15)
+    labels = labels_for("llama", inputs)["labels"]
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    with torch.no_grad():
+        expected = model(**inputs, labels=labels)
+        actual = model(**inputs, shift_labels=shifted)
+        other = model(**inputs, labels=labels, shift_labels=labels)  # shift_labels win, as in transformers
+    torch.testing.assert_close(actual.loss, expected.loss, atol=1e-6, rtol=0)
+    assert not torch.allclose(other.loss, expected.loss)
+    with pytest.raises(ValueError, match="`shift_labels` are for decoder-only LLMs"):
+        make_ours("t5")(**batch_inputs(), labels=torch.zeros(3, 2, dtype=torch.long), shift_labels=labels)
+
+
+def test_set_attn_implementation_switches_every_part():
+    model = make_ours("llama", seed=16)
+    inputs = batch_inputs(seed=16)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        model.set_attn_implementation("eager")
+        parts = (model.config, model.vision_model.config, model.qformer.config, model.language_model.config)
+        assert [config._attn_implementation for config in parts] == ["eager"] * 4
+        actual = model(**inputs).logits
+    real = inputs["attention_mask"].bool()  # padded positions attend to nothing: kernels differ there by design
+    torch.testing.assert_close(actual[real], expected[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_static_cache_generates_the_dynamic_cache_ids(kind):
+    model = make_ours(kind, seed=17)
+    inputs = batch_inputs(seed=17)
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert model._can_compile_fullgraph
+    expected = model.generate(**inputs, **settings)
+    assert torch.equal(model.generate(**inputs, cache_implementation="static", **settings), expected)
+
+
+def test_generate_from_inputs_embeds_finds_the_placeholders():
+    """Without `input_ids`, the placeholders are where the embedding of the image token stands (transformers)."""
+    model = make_ours("llama", seed=18)
+    inputs = batch_inputs(seed=18)
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    expected = model.generate(**inputs, **settings)[:, inputs["input_ids"].shape[1]:]  # the new tokens
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    actual = model.generate(**{**inputs, "input_ids": None}, inputs_embeds=embeds, **settings)
+    assert torch.equal(actual, expected)
+    with pytest.raises(ValueError, match="must hold exactly 4 image placeholder tokens"):
+        model.generate(**{**inputs, "input_ids": None, "attention_mask": inputs["attention_mask"][:, 1:]},
+                       inputs_embeds=embeds[:, 1:], **settings)

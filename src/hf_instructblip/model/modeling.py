@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig, GenerationMixin
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration import InstructBlipConfig
@@ -25,12 +25,12 @@ from .vision_encoder import InstructBlipVisionModel
 
 
 @dataclass
-class InstructBlipImageFeatures(ModelOutput):
-    """`pooler_output`: image features in LLM space `[B, Q, D_llm]`; the encoders' outputs alongside."""
+class InstructBlipImageFeatures(BaseModelOutputWithPooling):
+    """As transformers 5's `get_image_features`: `pooler_output` holds the image features in LLM space `[B, Q, D_llm]`,
+    `last_hidden_state` / `hidden_states` the vision encoder's; both encoders' outputs come alongside."""
 
-    pooler_output: torch.FloatTensor | None = None
-    vision_outputs: BaseModelOutput | None = None
-    qformer_outputs: BaseModelOutput | None = None
+    vision_outputs: ModelOutput | None = None
+    qformer_outputs: ModelOutput | None = None
 
 
 @dataclass
@@ -122,11 +122,14 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
             input_ids=input_ids, attention_mask=mask, query_embeds=queries, encoder_hidden_states=image_embeds
         )
         query_output = qformer_outputs.last_hidden_state[:, : queries.shape[1]]  # [B, Q, D_qformer]
-        return InstructBlipImageFeatures(
+        features = InstructBlipImageFeatures(
+            last_hidden_state=image_embeds,
             pooler_output=self.language_projection(query_output),  # [B, Q, D_llm]
+            hidden_states=vision_outputs.hidden_states,
             vision_outputs=vision_outputs,
             qformer_outputs=qformer_outputs,
         )
+        return features if kwargs.get("return_dict", True) is not False else features.to_tuple()
 
     def _vision_outputs(
         self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool, image_embeds: torch.Tensor | None
@@ -199,7 +202,12 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
     def _encode_call(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
                      inputs_embeds, interpolate_pos_encoding, image_embeds, labels=None):
         """Check one `forward` / `generate` call, then encode its images and fill the LLM's inputs:
-        `(image features output, inputs_embeds [B, L, D_llm], attention_mask [B, L])`."""
+        `(image features output, inputs_embeds [B, L, D_llm], attention_mask [B, L])`. Given `inputs_embeds` alone,
+        the placeholders are the positions that hold the image token's embedding (as in transformers)."""
+        if input_ids is None and inputs_embeds is not None:
+            token = torch.tensor(self.config.image_token_index or 0, device=inputs_embeds.device)
+            is_image = (inputs_embeds == self.get_input_embeddings()(token)).all(-1)  # [B, L]
+            input_ids = torch.where(is_image, token, -1)  # stands for the ids: only placeholders are read
         check_call(self.config, input_ids, pixel_values=pixel_values, image_embeds=image_embeds,
                    attention_mask=attention_mask, qformer_input_ids=qformer_input_ids,
                    qformer_attention_mask=qformer_attention_mask, labels=labels)
@@ -236,11 +244,17 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
           in place; otherwise the loss is computed from the logits (same values) and they are still not returned.
         `image_embeds` (precomputed vision features) may replace `pixel_values`, see `get_image_features`.
         """
+        return_dict = kwargs.pop("return_dict", None)
+        shift = self.config.use_decoder_only_language_model
+        if kwargs.get("shift_labels") is not None:  # sequence / context parallel: labels already aligned
+            if not shift:
+                raise ValueError("`shift_labels` are for decoder-only LLMs; an encoder-decoder LLM takes `labels`.")
+            labels, shift = kwargs.pop("shift_labels"), False
+        kwargs.pop("shift_labels", None)
         image, inputs_embeds, attention_mask = self._encode_call(
             pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, inputs_embeds,
             interpolate_pos_encoding, image_embeds, labels=labels)
         llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **kwargs}
-        llm_inputs.pop("return_dict", None)  # we always return our output class
         if not self.config.use_decoder_only_language_model:
             if decoder_input_ids is None:
                 if labels is None:
@@ -253,10 +267,9 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
             outputs, loss, token_losses = self.language_model(**llm_inputs, return_dict=True), None, None
         else:
             outputs, loss, token_losses = language_model_loss(
-                self.language_model, llm_inputs, labels, self.config.use_decoder_only_language_model,
-                num_items_in_batch, fused=fused_head_loss,
+                self.language_model, llm_inputs, labels, shift, num_items_in_batch, fused=fused_head_loss
             )
-        return InstructBlipForConditionalGenerationModelOutput(
+        output = InstructBlipForConditionalGenerationModelOutput(
             loss=loss,
             logits=outputs.logits,
             token_losses=token_losses,
@@ -264,6 +277,7 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
             qformer_outputs=image.qformer_outputs,
             language_model_outputs=outputs,
         )
+        return output if return_dict is not False else output.to_tuple()
 
     # --- generation -----------------------------------------------------------------------------------
     @torch.inference_mode()  # cheaper than no_grad (no version counters / view tracking); ids are all we return
@@ -286,15 +300,13 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         encoder-decoder LLMs return the decoder ids.
         """
         images = pixel_values if pixel_values is not None else image_embeds
-        if input_ids is None and images is not None:  # no prompt: plain captioning
-            if inputs_embeds is not None:
-                raise ValueError("`input_ids` is required with `inputs_embeds`: it marks the image placeholders.")
+        if input_ids is None and inputs_embeds is None and images is not None:  # no prompt: plain captioning
             input_ids = self._default_prompt(images.shape[0], images.device)
-        _, inputs_embeds, attention_mask = self._encode_call(
+        _, embeds, attention_mask = self._encode_call(
             pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, inputs_embeds,
             interpolate_pos_encoding, image_embeds)
-        llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
-        if self.config.use_decoder_only_language_model:
+        llm_inputs = {"inputs_embeds": embeds, "attention_mask": attention_mask}
+        if self.config.use_decoder_only_language_model and input_ids is not None:
             llm_inputs["input_ids"] = input_ids  # so the returned sequences start with the prompt
         # Our `generation_config` (not the LLM's) is the default; call-time arguments override it.
         generation_config = copy.deepcopy(generation_config or self.generation_config)

@@ -22,6 +22,15 @@ class InstructBlipPreTrainedModel(PreTrainedModel):
     # Blocks that must stay on one device under `device_map="auto"` (residual adds inside them).
     _no_split_modules = ["EvaEncoderLayer", "QFormerLayer", "QFormerEmbeddings"]
 
+    _can_compile_fullgraph = True  # value checks step aside under tracing (inputs.reads_values)
+    _keep_in_fp32_modules = ["query_tokens"]  # as transformers: loading in fp16 / bf16 keeps the queries in fp32
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """`set_attn_implementation` may switch every part: our attention layers read `config._attn_implementation`
+        at call time (`attention.attend`), which transformers' source heuristic cannot see."""
+        return True
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # Linear / Embedding / LayerNorm from `initializer_range`
         std = getattr(self.config, "initializer_range", 0.02)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .attention import attend
 from .configuration import InstructBlipVisionConfig
@@ -137,17 +137,24 @@ class InstructBlipVisionModel(InstructBlipPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutput:
+    ) -> BaseModelOutputWithPooling | tuple:
+        """`last_hidden_state` `[B, 1 + N, D]` after `post_layernorm`; `pooler_output` `[B, D]`: the class token,
+        normalised once more (as transformers' BLIP vision models); `hidden_states` on request (call or config)."""
         check_pixel_values(pixel_values, self.config.image_size, self.config.patch_size, interpolate_pos_encoding)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding)  # [B, 1 + N, D]
-        all_hidden_states = [hidden_states] if output_hidden_states else None
+        all_hidden_states = [hidden_states]
         for layer in self.encoder.layers:
             hidden_states = layer(hidden_states)
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-        return BaseModelOutput(
-            last_hidden_state=self.post_layernorm(hidden_states),
+            all_hidden_states.append(hidden_states)
+        last_hidden_state = self.post_layernorm(hidden_states)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=self.post_layernorm(last_hidden_state[:, 0]),  # [B, D]
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
         )
+        return output if return_dict is not False else output.to_tuple()
