@@ -287,3 +287,32 @@ def test_bad_init_arguments():
     with pytest.raises(ValueError, match="`num_query_tokens` must be a positive int, found 0"):
         InstructBlipProcessor(tiny.image_processor(), tiny.llm_tokenizer(), tiny.qformer_tokenizer(),
                               num_query_tokens=0)
+
+
+def test_chat_messages_become_the_users_text_and_the_same_tensors():
+    """InstructBLIP has no chat format: the prompt is the last user turn's text, as LAVIS uses the instruction."""
+    processor = tiny.processor("llama")
+    image = tiny.images(1)[0]
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "what colour is the circle ?"}]}]
+    assert processor.apply_chat_template(messages, tokenize=False) == "what colour is the circle ?"
+    assert processor.apply_chat_template([{"role": "user", "content": "is it red ?"}], tokenize=False,
+                                         add_generation_prompt=True) == "is it red ?"
+    chat = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    direct = processor(images=image, text="what colour is the circle ?", return_tensors="pt")
+    assert sorted(chat) == sorted(direct)
+    for key, value in direct.items():
+        assert torch.equal(chat[key], value), key
+
+
+def test_nested_image_lists_one_per_prompt(tmp_path):
+    processor = tiny.processor("llama")
+    images = tiny.images(2)
+    nested = processor(images=[[images[0]], [images[1]]], text=PROMPTS, return_tensors="pt")
+    flat = processor(images=images, text=PROMPTS, return_tensors="pt")
+    assert torch.equal(nested["pixel_values"], flat["pixel_values"])
+    with pytest.raises(ValueError, match=r"`images\[0\]` holds 2 images; InstructBLIP reads one image per prompt"):
+        processor(images=[images, images], text=PROMPTS)
+    processor.save_pretrained(tmp_path)
+    assert InstructBlipProcessor.from_pretrained(tmp_path).chat_template == processor.chat_template

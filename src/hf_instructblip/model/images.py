@@ -132,4 +132,10 @@ def to_rgb_images(images: Any) -> list[Image.Image]:
         items = [images]
     if not items:
         raise ValueError("`images` is empty: pass at least one image.")
+    for i, item in enumerate(items):  # one list per example, as TRL and pipelines pass them
+        if isinstance(item, (list, tuple)):
+            if len(item) != 1:
+                raise ValueError(f"`images[{i}]` holds {len(item)} images; InstructBLIP reads one image per prompt "
+                                 "(for frames of a clip, use the video model and processor).")
+            items[i] = item[0]
     return [load_image(image, where=f"images[{i}]") for i, image in enumerate(items)]

@@ -26,6 +26,14 @@ from .images import to_rgb_images
 DEFAULT_IMAGE_TOKEN = "<image>"
 QFORMER_MAX_LENGTH = 128  # LAVIS `max_txt_len` for the Q-Former instruction
 _IMAGE_KWARGS = frozenset(ImagesKwargs.__annotations__) - {"return_tensors"}
+# InstructBLIP has no chat format: as in LAVIS, the prompt is the user's text (the last user turn's text parts);
+# the processor places the image itself, so image entries of the messages write nothing here.
+CHAT_TEMPLATE = (
+    "{%- set user = messages | selectattr('role', 'equalto', 'user') | list | last -%}"
+    "{%- if user['content'] is string -%}{{ user['content'] }}"
+    "{%- else -%}{{ user['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}"
+    "{%- endif -%}"
+)
 
 
 # --- text ---------------------------------------------------------------------------------------------
@@ -100,6 +108,7 @@ class HfInstructBlipProcessor(ProcessorMixin):
         # A long instruction keeps its end (the question), as LAVIS does and as `InstructBlipDataCollator` trains.
         tokenizer.truncation_side = "left"
         qformer_tokenizer.truncation_side = "left"
+        kwargs["chat_template"] = kwargs.get("chat_template") or CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, qformer_tokenizer, **kwargs)
 
     @property
@@ -170,6 +179,8 @@ class HfInstructBlipProcessor(ProcessorMixin):
         qformer_max_length: int | None = None,
         return_tensors: str | None = None,
         images_kwargs: dict[str, Any] | None = None,
+        videos: Any = None,
+        audio: Any = None,
         **kwargs,
     ) -> BatchFeature:
         """Images and/or prompts -> `BatchFeature` with `pixel_values`, `input_ids`, `attention_mask`,
@@ -181,6 +192,8 @@ class HfInstructBlipProcessor(ProcessorMixin):
         """
         if images is None and text is None:
             raise ValueError("Pass `images`, `text` or both; both are None.")
+        if videos is not None or audio is not None:  # `apply_chat_template` passes both, as None
+            raise ValueError("This processor takes `images`; for clips use InstructBlipVideoProcessor(videos=...).")
         images_kwargs = {**(images_kwargs or {}), **self._split_image_kwargs(kwargs)}
         pil_images = to_rgb_images(images) if images is not None else None
         encoding: dict[str, Any] = {}
