@@ -3,6 +3,7 @@
     python examples/finetune.py                                    # embedded model + a small shapes file, offline
     python examples/finetune.py --data train.jsonl --model Salesforce/instructblip-flan-t5-xl --steps 2000
     python examples/finetune.py --save-trainable-only              # save only the Q-Former delta
+    accelerate launch --config_file examples/multi_gpu/fsdp.yaml examples/finetune.py --model ... --bf16  # README
 
 Each line: `{"image": "images/0001.png", "question": "What colour is the car?", "answer": "red"}`; image paths are
 relative to the file. The question is the instruction, verbatim. Recipe: `freeze_for_instruction_tuning` (image
@@ -47,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-trainable-only", action="store_true",
                         help="save only the trained weights (instructblip_trainable.safetensors)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true",
+                        help="load the model in bfloat16, keep the trained weights in float32, train under autocast")
     return parser.parse_args(argv)
 
 
@@ -89,22 +92,26 @@ def write_shapes_file(folder: Path, count: int, seed: int) -> Path:
     return path
 
 
-def load_base(model_id: str | None, seed: int):
-    """`--model` through the Auto classes, or the embedded small model (deterministic in `seed`)."""
+def load_base(model_id: str | None, seed: int, dtype: torch.dtype | None = None):
+    """`--model` through the Auto classes (in `dtype`, if given), or the embedded small model (deterministic in
+    `seed`)."""
     if model_id:
-        return shapes.load_checkpoint(model_id)
+        return shapes.load_checkpoint(model_id, **({"dtype": dtype} if dtype is not None else {}))
     processor = shapes.build_processor()
     return shapes.build_model(processor, seed=seed), processor
 
 
 def train(model, processor, dataset: Dataset, args: argparse.Namespace, output_dir: Path) -> InstructBlipTrainer:
     freeze_for_instruction_tuning(model, print_table=True)
+    for param in model.parameters():  # with --bf16: fp32 master weights for what trains (FSDP2 needs one dtype)
+        if param.requires_grad:
+            param.data = param.data.float()
     collator = InstructBlipDataCollator(processor, decoder_only=model.config.use_decoder_only_language_model)
     training_args = TrainingArguments(
         output_dir=str(output_dir / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=min(10, args.steps // 10),
         weight_decay=0.0, logging_steps=max(1, args.steps // 10), save_strategy="no", report_to=[],
-        seed=args.seed, dataloader_num_workers=0,
+        seed=args.seed, dataloader_num_workers=0, bf16=args.bf16, use_cpu=not torch.cuda.is_available(),
     )
     trainer = InstructBlipTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
                                   processing_class=processor, save_trainable_only=args.save_trainable_only)
@@ -136,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data) if args.data else write_shapes_file(output_dir / "data", 64, args.seed)
     dataset = QuestionAnswerFile(data)
     print(f"{len(dataset)} examples from {data}")
-    model, processor = load_base(args.model, args.seed)
+    model, processor = load_base(args.model, args.seed, torch.bfloat16 if args.bf16 else None)
+    if args.bf16:
+        model.to(torch.bfloat16)  # the embedded model
 
     trainer = train(model, processor, dataset, args, output_dir)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
@@ -144,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = output_dir / "model"
     trainer.save_model(str(model_dir))  # full model + processor, or instructblip_trainable.safetensors + processor
-    processor.save_pretrained(model_dir)
+    if trainer.args.should_save:
+        processor.save_pretrained(model_dir)
+    if trainer.args.world_size > 1 or args.bf16:  # the reload check below: one process, one dtype
+        print(f"saved to {model_dir}")
+        return 0
     reloaded, reloaded_processor = reload(model_dir, args)
     records = [dataset[i] for i in range(min(6, len(dataset)))]
     answers = shapes.answer(model, processor, records)

@@ -22,6 +22,9 @@ from .hub import LocalHubApi, model_card, push_to_hub, push_trainable_to_hub, tr
 from .model.configuration import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
 from .model.modeling import InstructBlipForConditionalGeneration
 from .model.processing import HfInstructBlipProcessor, InstructBlipProcessor, sync_image_token
+from .model.configuration_video import InstructBlipVideoConfig
+from .model.modeling_video import InstructBlipVideoForConditionalGeneration
+from .model.processing_video import HfInstructBlipVideoProcessor, InstructBlipVideoProcessor
 from .model.qformer import InstructBlipQFormerModel
 from .model.vision_encoder import InstructBlipVisionModel
 from .templates import eval_prompt, make_instruction_record, template_family, templates_for
@@ -45,12 +48,19 @@ AutoModelForImageTextToText.register(InstructBlipConfig, InstructBlipForConditio
 # Every save / push writes `auto_map` and our code files, so `trust_remote_code=True` works without this package.
 InstructBlipConfig.register_for_auto_class()
 InstructBlipForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+# Video: its own `model_type` (hf_instructblip_video), so the Auto classes give the video model for video folders.
+AutoConfig.register(InstructBlipVideoConfig.model_type, InstructBlipVideoConfig, exist_ok=True)
+AutoModel.register(InstructBlipVideoConfig, InstructBlipVideoForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(InstructBlipVideoConfig, InstructBlipVideoForConditionalGeneration, exist_ok=True)
+InstructBlipVideoConfig.register_for_auto_class()
+InstructBlipVideoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
     "BalancedConcatSampler",
     "CandidateRanking",
     "CiderResult",
     "HfInstructBlipProcessor",
+    "HfInstructBlipVideoProcessor",
     "InstructBlipConfig",
     "InstructBlipDataCollator",
     "InstructBlipForConditionalGeneration",
@@ -59,6 +69,9 @@ __all__ = [
     "InstructBlipQFormerModel",
     "InstructBlipTrainer",
     "InstructBlipVisionConfig",
+    "InstructBlipVideoConfig",
+    "InstructBlipVideoForConditionalGeneration",
+    "InstructBlipVideoProcessor",
     "InstructBlipVisionModel",
     "InstructionDataset",
     "LocalHubApi",

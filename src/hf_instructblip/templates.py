@@ -117,8 +117,8 @@ def make_instruction_record(
 
     `example` holds "image" and "caption" (captioning) or "question" and "answer"; optional "ocr_tokens" and
     "context" become prefixes, "options" (question answering only) follow the question. A list of answers or
-    captions gives one, drawn. Template and draw depend only on (seed, dataset, index): reproducible under any
-    DataLoader order or worker count.
+    captions gives one, drawn. A "video" (a clip) may replace "image"; it is kept as given. Template and draw
+    depend only on (seed, dataset, index): reproducible under any DataLoader order or worker count.
 
     Example:
         >>> record = make_instruction_record({"image": "cat.jpg", "question": "What is it?", "answer": "a cat"},
@@ -128,8 +128,9 @@ def make_instruction_record(
     """
     if not isinstance(example, Mapping):
         raise TypeError(f"example: expected a dict, got {type(example).__name__}")
-    if "image" not in example:
-        raise ValueError(f"example: expected an 'image' field, got fields {sorted(example)}")
+    visual = "video" if "video" in example and "image" not in example else "image"  # a clip; its task picks templates
+    if visual not in example:
+        raise ValueError(f"example: expected an 'image' (or 'video') field, got fields {sorted(example)}")
     family = template_family(task)
     dataset = task if dataset is None else dataset
     # str seeds are hashed with SHA-512 by `random`: stable across processes, unlike hash().
@@ -154,7 +155,7 @@ def make_instruction_record(
         prefixes.append(f"Context: {context}")
     if (ocr := _text(example, "ocr_tokens")) is not None:
         prefixes.append(f"OCR tokens: {ocr}.")
-    return {"image": example["image"], "instruction": " ".join([*prefixes, body]), "answer": answer,
+    return {visual: example[visual], "instruction": " ".join([*prefixes, body]), "answer": answer,
             "dataset": dataset}
 
 

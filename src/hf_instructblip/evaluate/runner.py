@@ -7,6 +7,8 @@ metric is computed from that file once every record has a row.
 
 Command line (every argument, the data file and the predictions file are checked before the model loads):
     python -m hf_instructblip.evaluate --model PATH --data FILE.jsonl --task NAME [--output-dir DIR]
+Under `torchrun` / `accelerate launch` the processes share the examples (see `data_parallel`); `--device-map auto`
+spreads one process's model over the visible devices.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from tqdm.auto import tqdm
 from ..hub import is_hub_id
 from ..json_lines import iter_json_lines
 from ..model.images import load_image
+from .data_parallel import Processes, RowCounter, launched_processes, merge_parts, part_files
 from .ranking import REDUCTIONS, rank_candidates
 from .tasks import TASKS, Example, TaskSpec, compute_metric, id_key, load_records, prepare_examples, task_spec
+from .video import VIDEO_TASKS, check_video_processor
 
 # The fields a predictions row needs, by mode: the metric reads them, the resume check compares prompt/candidates.
 ROW_FIELDS = {"generate": ("id", "prompt", "prediction"),
@@ -106,8 +110,11 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
 
 # --- running the model ----------------------------------------------------------------------------------
 def _model_inputs(model, processor, batch: list[Example]) -> dict[str, torch.Tensor]:
-    inputs = processor(images=[load_image(e.image) for e in batch], text=[e.prompt for e in batch],
-                       padding="longest", return_tensors="pt")
+    if batch[0].video is not None:  # video tasks: frame paths; the processor samples and reads `num_frames` of them
+        visual = {"videos": [e.video for e in batch]}
+    else:
+        visual = {"images": [load_image(e.image) for e in batch]}
+    inputs = processor(**visual, text=[e.prompt for e in batch], padding="longest", return_tensors="pt")
     return inputs.to(model.device, dtype=model.dtype)  # BatchFeature: casts the float tensors (pixels) only
 
 
@@ -153,7 +160,9 @@ def _prepare(
     examples = prepare_examples(task, records[:limit] if limit is not None else records)
     if not examples:
         raise ValueError("`records` is empty: there is nothing to evaluate.")
-    done = read_predictions(predictions_path, task)
+    done = {}
+    for path in (*part_files(predictions_path), predictions_path):  # parts: a data-parallel run not merged yet
+        done.update(read_predictions(path, task))
     _check_unchanged(predictions_path, done, examples)
     return spec, examples, done, {**(spec.generation or {}), **(generation_kwargs or {})}
 
@@ -164,12 +173,15 @@ def evaluate(
     metrics_path: str | os.PathLike | None = None, batch_size: int = 8, limit: int | None = None,
     generation_kwargs: Mapping[str, Any] | None = None, reduction: str = "sum", candidate_batch_size: int | None = None,
     progress: bool = True, on_batch: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    processes: Processes | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` zero-shot on one held-out `task` and return (and optionally write) its metrics.
 
     Records whose id is already in `predictions_path` are skipped (resume). `generation_kwargs` override the task's
     generation preset; `reduction` and `candidate_batch_size` go to `rank_candidates`; `limit` keeps the first
-    records only; `on_batch(index, rows)` is called after each batch is written.
+    records only; `on_batch(index, rows)` is called after each batch is written. `processes` (e.g.
+    `launched_processes()` under `torchrun`): every process calls this, computes its share of the batches and gets
+    the metrics; the main process merges the predictions and writes the metrics file.
 
     Example:
         >>> model = AutoModel.from_pretrained(path).eval(); processor = AutoProcessor.from_pretrained(path)
@@ -180,27 +192,44 @@ def evaluate(
     spec, examples, done, generation = _prepare(
         task, records, predictions_path, batch_size=batch_size, limit=limit, generation_kwargs=generation_kwargs,
         reduction=reduction, candidate_batch_size=candidate_batch_size)
+    if task in VIDEO_TASKS:
+        check_video_processor(processor, task)
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
     pending = [e for e in examples if id_key(e.id) not in done]
+    processes = processes or Processes()
+    batches = processes.take([pending[i : i + batch_size] for i in range(0, len(pending), batch_size)])
+    others = RowCounter(processes.others(predictions_path))
+    processes.barrier()  # every process has read the predictions before any appends
 
     model.eval()
     with tqdm(total=len(examples), initial=len(examples) - len(pending), desc=f"{task}", unit="ex",
-              disable=not progress) as bar:
-        for index, start in enumerate(range(0, len(pending), batch_size)):
-            batch = pending[start : start + batch_size]
+              disable=not (progress and processes.is_main)) as bar:
+        for index, batch in enumerate(batches):
             if spec.mode == "generate":
                 outputs = _generate_batch(model, processor, batch, generation)
             else:
                 outputs = _rank_batch(model, processor, batch, reduction, candidate_batch_size)
             rows = [{"id": e.id, "task": task, "prompt": e.prompt, **out} for e, out in zip(batch, outputs)]
-            _append(predictions_path, rows)
+            _append(processes.own_path(predictions_path), rows)
             done.update((id_key(row["id"]), row) for row in rows)
-            bar.update(len(batch))
+            bar.update(len(batch) + others.new_rows())  # the count over all processes
             if on_batch is not None:
                 on_batch(index, rows)
+        processes.barrier()  # every part file is complete
+        bar.update(bar.total - bar.n)
+    return processes.share(_finish(processes, task, spec, examples, done, predictions_path, metrics_path,
+                                   {"generation": generation} if spec.mode == "generate" else {"reduction": reduction}))
 
+
+def _finish(processes: Processes, task: str, spec: TaskSpec, examples: list[Example], done: dict[str, dict],
+            predictions_path: Path, metrics_path: str | os.PathLike | None, settings: dict) -> dict | None:
+    """On the main process: the part files merged into the predictions file, the metrics computed and written."""
+    if not processes.is_main:
+        return None
+    if merge_parts(predictions_path, [id_key(e.id) for e in examples], lambda path: read_predictions(path, task),
+                   _append):
+        done = read_predictions(predictions_path, task)
     score = compute_metric(task, examples, [done[id_key(e.id)] for e in examples])
-    settings = {"generation": generation} if spec.mode == "generate" else {"reduction": reduction}
     metrics = {"task": task, "mode": spec.mode, "metric": spec.metric, "score": score,
                "num_examples": len(examples), "predictions": str(predictions_path), **settings}
     if metrics_path is not None:
@@ -230,7 +259,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=_positive_int, default=None, help="override the task's preset")
     parser.add_argument("--reduction", choices=REDUCTIONS, default="sum", help="candidate ranking score")
     parser.add_argument("--candidate-batch-size", type=_positive_int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="'cuda' under torchrun / accelerate launch: process r uses cuda:LOCAL_RANK")
+    parser.add_argument("--device-map", choices=("auto",), default=None,
+                        help="spread the model over every visible device (one process; replaces --device)")
     # Passed to `from_pretrained` as is: transformers reads "auto" and torch dtype names.
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -259,10 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     args = _parser().parse_args(argv)
+    processes = launched_processes()
     # Our classes by name: the official Salesforce repos say `model_type: instructblip`, which the Auto classes map
     # to transformers' own InstructBLIP.
     from ..model.modeling import InstructBlipForConditionalGeneration
+    from ..model.modeling_video import InstructBlipVideoForConditionalGeneration
     from ..model.processing import InstructBlipProcessor
+    from ..model.processing_video import InstructBlipVideoProcessor
 
     predictions = args.output_dir / f"{args.task}_predictions.jsonl"
     overrides = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
@@ -271,18 +306,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                candidate_batch_size=args.candidate_batch_size)
     try:  # everything before the (slow) model load; a bad line is reported with its number
         _check_paths(args)
+        if args.device_map and processes.world_size > 1:
+            raise ValueError(f"`--device-map auto` spreads one process's model over every visible device; found "
+                             f"{processes.world_size} processes. Launch one, or leave it out to share the examples.")
         records = load_records(args.data)
         _prepare(args.task, records, predictions, **run)
     except (OSError, ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    model = InstructBlipForConditionalGeneration.from_pretrained(args.model, dtype=args.dtype)
-    model = model.to(args.device).eval()
-    processor = InstructBlipProcessor.from_pretrained(args.model)
+    video = args.task in VIDEO_TASKS  # the same checkpoints, read frame by frame
+    model_class = InstructBlipVideoForConditionalGeneration if video else InstructBlipForConditionalGeneration
+    model = model_class.from_pretrained(args.model, dtype=args.dtype, device_map=args.device_map)
+    model = (model if args.device_map else model.to(_device(args.device, processes))).eval()
+    processor = (InstructBlipVideoProcessor if video else InstructBlipProcessor).from_pretrained(args.model)
     metrics = evaluate(model, processor, records, args.task, predictions_path=predictions,
-                       progress=not args.no_progress, **run)
-    metrics["model"] = args.model
-    _write_json(args.output_dir / f"{args.task}_metrics.json", metrics)
-    print(json.dumps(metrics, indent=2))
+                       progress=not args.no_progress, processes=processes, **run)
+    if processes.is_main:
+        metrics["model"] = args.model
+        _write_json(args.output_dir / f"{args.task}_metrics.json", metrics)
+        print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _device(device: str, processes: Processes) -> str:
+    """Data parallel on GPUs: each process of a node on its own one."""
+    if device == "cuda" and processes.world_size > 1:
+        return f"cuda:{os.environ.get('LOCAL_RANK', processes.rank)}"
+    return device
 

@@ -3,7 +3,8 @@
 Data file: one JSON object per line with `image` (a path, relative to the data file), the prompt's fields (see
 `templates.eval_prompt`), and by task `answers` (list; VQA accuracy, captions), `answer` (exact match; the right
 candidate), `options` / `candidates` (ranking) or `label` (0/1: HatefulMemes, VSR); `id` is optional (default:
-the line number).
+the line number). The video tasks (MSVD-QA, MSRVTT-QA, iVQA) take `video` instead of `image`: a folder of frames
+or a list of frame paths (see `evaluate.video`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from ..json_lines import iter_json_lines
 from ..templates import HELD_OUT, HELD_OUT_METRICS, RANKING_DATASETS, category_of, eval_prompt, generation_preset
 from .metrics import cider_d, exact_match_accuracy, ivqa_accuracy, mean_reciprocal_rank, roc_auc, vqa_accuracy
+from .video import is_video_record, resolve_video, video_frames
 
 HATEFUL_CANDIDATES = ("no", "yes")  # index 1 = hateful; its log-odds is the AUC score
 
@@ -69,9 +71,12 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     records, lines = [], {}
     for number, record in iter_json_lines(path):
         where = f"{path}, line {number}"
-        if not isinstance(record.get("image"), str) or not record["image"]:
+        if is_video_record(record):  # frames resolved against the file's folder too
+            record["video"] = resolve_video(record["video"], path.parent, where)
+        elif not isinstance(record.get("image"), str) or not record["image"]:
             raise ValueError(f"{where}: expected an 'image' path (str), found {record.get('image')!r}.")
-        record["image"] = str(path.parent / record["image"])
+        else:
+            record["image"] = str(path.parent / record["image"])
         record.setdefault("id", number)
         key = id_key(record["id"], where)
         if key in lines:
@@ -84,13 +89,15 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
 # --- one record -> prompt, candidates, reference --------------------------------------------------------
 @dataclass
 class Example:
-    """A record made ready: its id, image (path or image), prompt, candidates (ranking) and reference."""
+    """A record made ready: its id, image (path or image) or video (frame paths), prompt, candidates (ranking) and
+    reference."""
 
     id: Any
     image: Any
     prompt: str
     candidates: list[str] | None
     reference: Any
+    video: list[str] | None = None
 
 
 def _string_list(value: Any, where: str) -> list[str]:
@@ -166,7 +173,8 @@ def prepare_examples(task: str, records: Sequence[Mapping[str, Any]]) -> list[Ex
             raise ValueError(f"`records[{index}]`: id {record_id!r} is used twice.")
         seen.add(key)
         where = f"record {record_id!r}"
-        if record.get("image") is None:
+        video = video_frames(task, record, where)  # None for the image tasks
+        if video is None and record.get("image") is None:
             raise ValueError(f"{where}: expected an 'image' (path or image), found fields {sorted(record)}.")
         try:
             prompt = eval_prompt(task, record)
@@ -174,10 +182,10 @@ def prepare_examples(task: str, records: Sequence[Mapping[str, Any]]) -> list[Ex
             raise type(error)(f"{where}: {error}") from None
         candidates = _candidates(spec, record, where) if spec.mode == "rank" else None
         reference = _reference(spec, record, candidates, where)
-        if isinstance(record["image"], (str, os.PathLike)) and not os.path.isfile(record["image"]):
+        if video is None and isinstance(record["image"], (str, os.PathLike)) and not os.path.isfile(record["image"]):
             raise ValueError(f"{where}: image file {str(record['image'])!r} does not exist.")
-        examples.append(Example(id=record_id, image=record["image"], prompt=prompt, candidates=candidates,
-                                reference=reference))
+        examples.append(Example(id=record_id, image=record.get("image"), prompt=prompt, candidates=candidates,
+                                reference=reference, video=video))
     return examples
 
 

@@ -20,6 +20,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # torch built without distributed support: no FSDP units
+    FSDPModule = ()
+
 
 def target_labels(labels: torch.Tensor, shift: bool) -> torch.Tensor:
     """The labels that are scored: with `shift` (decoder-only LLMs) the first has no position predicting it."""
@@ -112,10 +117,18 @@ def frozen_head_cross_entropy(
 
 def head_is_plain_linear(head: nn.Module | None) -> bool:
     """Whether `head` is a plain `nn.Linear` holding its own parameters as ordinary tensors (not a PEFT wrapper,
-    DTensor or flattened FSDP view); whether they are frozen and in place is checked at call time."""
-    if type(head) is not nn.Linear or not isinstance(head.weight, nn.Parameter):
+    DTensor or flattened FSDP1 view), or an FSDP2 unit of its own (as accelerate's FSDP2 makes it); whether they are
+    whole, frozen and in place is checked at call time.
+
+    A head inside a larger FSDP2 unit (its weights DTensors here, gathered only when that unit runs) is refused: the
+    loss taken in its call leaves the unit without passing through the unit's outputs, where FSDP hooks the
+    re-gathering of the unit's other weights for backward.
+    """
+    own_unit = isinstance(head, FSDPModule) and type(head).__bases__ == (FSDPModule, nn.Linear)
+    if not (type(head) is nn.Linear or own_unit) or not isinstance(head.weight, nn.Parameter):
         return False
-    return all(type(p.data) is torch.Tensor for p in (head.weight, head.bias) if p is not None)
+    # An own unit holds DTensor shards between calls; its pre-forward, which runs before ours, gathers them.
+    return own_unit or all(type(p.data) is torch.Tensor for p in (head.weight, head.bias) if p is not None)
 
 
 def _usable_here(module: nn.Linear, hidden: torch.Tensor) -> bool:
@@ -127,7 +140,8 @@ def _usable_here(module: nn.Linear, hidden: torch.Tensor) -> bool:
     """
     whole = module.weight.dim() == 2 and module.weight.shape[1] == hidden.shape[-1] > 0  # not a gathered-later shard
     return whole and all(
-        not p.requires_grad and not p.is_meta and p.device == hidden.device
+        type(p.data) is torch.Tensor  # a DTensor still here is a shard: its gather did not run first
+        and not p.requires_grad and not p.is_meta and p.device == hidden.device
         for p in (module.weight, module.bias) if p is not None
     )
 

@@ -73,11 +73,18 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `PreTrainedModel.save_pretrained`; `auto_map` names us for both `AutoModel` and
-        `AutoModelForImageTextToText` (a class registers one auto class; the second entry is added here)."""
+        `AutoModelForImageTextToText` (a class registers one auto class; the second entry is added here). Under FSDP2,
+        whose `fully_shard` turns the model into an instance of a subclass defined in torch, the code files and
+        `auto_map` still name our class."""
+        own = next(cls for cls in type(self).__mro__ if not cls.__module__.startswith("torch."))
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map.setdefault("AutoModel", f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}")
+        auto_map.setdefault("AutoModel", f"{own.__module__.rsplit('.', 1)[-1]}.{own.__name__}")
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        sharded_class, self.__class__ = self.__class__, own  # transformers copies the code of `type(self)`
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = sharded_class
 
     # --- embeddings are the LLM's -----------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:

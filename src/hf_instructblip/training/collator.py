@@ -9,6 +9,8 @@ training semantics), built from token ids, never by re-splitting rendered string
   (the model builds `decoder_input_ids` from the labels).
 - prompt: left-truncated (the end of an instruction holds the question); answer: right-truncated, eos kept.
 - Q-Former: the instruction with its tokenizer's specials, left-truncated to `qformer_max_length`.
+- video records carry `video` (a clip: a list of frames, see `InstructBlipVideoProcessor`) instead of `image`; the
+  layout is the same with T x Q placeholders (T frames per clip) and `pixel_values` `[B, T, 3, H, W]`.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ def _check_records(records: Sequence[Any]) -> None:
         if not isinstance(record, Mapping):
             raise TypeError(f"record {index}: expected a mapping with 'image', 'instruction', 'answer', "
                             f"found {type(record).__name__}.")
-        for field in ("image", "instruction", "answer"):
+        visual = _visual_field(record)
+        for field in (visual, "instruction", "answer"):
             if field not in record:
                 raise ValueError(f"record {index}: field '{field}' is missing (keys found: {sorted(record)}).")
-        if record["image"] is None:
-            raise ValueError(f"record {index}: field 'image' is None; expected an image the image processor accepts.")
+        if record[visual] is None:
+            raise ValueError(f"record {index}: field '{visual}' is None; expected "
+                             f"{'an image' if visual == 'image' else 'a clip (a list of frames)'}.")
         for field in ("instruction", "answer"):
             if not isinstance(record[field], str):
                 raise TypeError(f"record {index}: field '{field}' must be a str, "
@@ -45,6 +49,11 @@ def _check_records(records: Sequence[Any]) -> None:
         if not record["answer"].strip():
             raise ValueError(f"record {index}: field 'answer' is empty; there is nothing to learn but the end of "
                              "the sequence. Drop the record or give it an answer.")
+
+
+def _visual_field(record: Mapping) -> str:
+    """"video" for a video record (a clip instead of an image), else "image"."""
+    return "video" if "video" in record and "image" not in record else "image"
 
 
 def _optional_field(records: Sequence[Mapping], field: str, kind: type, kind_name: str) -> list | None:
@@ -174,6 +183,27 @@ class InstructBlipDataCollator:
         token = self.processor.image_token_id if fill is None else fill
         return prepend_image_placeholders(rows, token, self.processor.num_query_tokens)
 
+    def _visual_inputs(self, records: Sequence[Mapping], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`pixel_values` `[B, 3, H, W]` for image records; for video records `[B, T, 3, H, W]`, and the rows get
+        the other T - 1 frames' placeholders in front (labels: -100 there, decoder-only only)."""
+        kinds = {_visual_field(record) for record in records}
+        if kinds == {"image"}:
+            return self.processor.preprocess_images([r["image"] for r in records]), input_ids, attention_mask, labels
+        if len(kinds) > 1:
+            raise ValueError("A batch mixes 'image' and 'video' records; batch images and videos separately.")
+        if not hasattr(self.processor, "preprocess_videos"):
+            raise TypeError(f"Video records need an InstructBlipVideoProcessor, found {type(self.processor).__name__}.")
+        pixel_values = self.processor.preprocess_videos([r["video"] for r in records])  # [B, T, 3, H, W]
+        extra = (pixel_values.shape[1] - 1) * self.processor.num_query_tokens
+
+        def more(rows: torch.Tensor, fill: int) -> torch.Tensor:
+            return torch.cat([torch.full((rows.shape[0], extra), fill, dtype=rows.dtype), rows], dim=1)
+
+        if self.decoder_only:
+            labels = more(labels, IGNORE_INDEX)
+        return pixel_values, more(input_ids, self.processor.image_token_id), more(attention_mask, 1), labels
+
     # --- batch ----------------------------------------------------------------------------------------------
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         _check_records(records)
@@ -184,7 +214,8 @@ class InstructBlipDataCollator:
         label_ids, _ = pad_right(list(labels), IGNORE_INDEX)  # [B, L] (T5: [B, L_answer])
         qformer = self.processor.qformer_text([record["instruction"] for record in records],
                                               max_length=self.qformer_max_length)  # left truncated, right padded
-        pixel_values = self.processor.preprocess_images([record["image"] for record in records])  # [B, 3, H, W]
+        pixel_values, input_ids, attention_mask, label_ids = self._visual_inputs(records, input_ids, attention_mask,
+                                                                                  label_ids)
         batch = {
             "pixel_values": pixel_values,
             "qformer_input_ids": torch.tensor(qformer["qformer_input_ids"]),

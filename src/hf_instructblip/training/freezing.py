@@ -10,6 +10,7 @@ PEFT adapters are left as PEFT set them: `peft_model = get_peft_model(model, lor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 from dataclasses import dataclass, field
@@ -18,6 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support: nothing is sharded
+    DTensor = ()
 
 TRAINABLE_WEIGHTS_NAME = "instructblip_trainable.safetensors"
 FROZEN_PARTS = ("vision_model", "language_model")
@@ -125,20 +131,41 @@ def freeze_for_instruction_tuning(
 
 
 # --- trainable-only checkpoints -------------------------------------------------------------------------------
+def _whole(param: torch.Tensor) -> torch.Tensor:
+    """The whole value of a parameter: FSDP2 keeps each one as a DTensor shard (gathering it is a collective, so
+    every process must call this, in the same order)."""
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
+def _zero3_gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    """ZeRO-3 leaves each process a shard in `param.data` (an empty tensor): gather them while they are read."""
+    if not any(hasattr(param, "ds_id") for param in params):
+        return contextlib.nullcontext()
+    import deepspeed  # only reached for parameters DeepSpeed has partitioned
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The weights that train (`requires_grad`), PEFT adapters excluded (PEFT saves those itself), under the
-    InstructBLIP state-dict keys (`qformer.*`, `query_tokens`, `language_projection.*`, ...)."""
+    InstructBLIP state-dict keys (`qformer.*`, `query_tokens`, `language_projection.*`, ...). Under FSDP2 or ZeRO-3
+    every process must call it (the shards are gathered)."""
     base = instructblip_base(model)
     adapters = adapter_parameter_names(base)
-    return {name: param.detach().contiguous().cpu() for name, param in base.named_parameters()
-            if param.requires_grad and name not in adapters}
+    trained = {name: param for name, param in base.named_parameters() if param.requires_grad and name not in adapters}
+    with _zero3_gathered(list(trained.values())):
+        # A copy: ZeRO-3 frees the gathered tensors on leaving the context.
+        return {name: _whole(param.detach()).to("cpu", copy=True).contiguous() for name, param in trained.items()}
 
 
-def save_trainable_weights(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write `trainable_state_dict(model)` to `directory/instructblip_trainable.safetensors`; return the path."""
+def save_trainable_weights(
+    model: nn.Module, directory: str | os.PathLike, weights: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write `weights` (default: `trainable_state_dict(model)`) to `directory/instructblip_trainable.safetensors`;
+    return the path. Under FSDP2 or ZeRO-3 every process gathers the weights and one writes them."""
     path = Path(directory) / TRAINABLE_WEIGHTS_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state_dict(model), str(path), metadata={"format": "pt"})
+    save_file(trainable_state_dict(model) if weights is None else weights, str(path), metadata={"format": "pt"})
     return path
 
 

@@ -8,6 +8,8 @@ What it changes, and why:
   mirrors the LLM's: for T5 every label is a target).
 - records named by `dataset` get per-dataset sample counts and loss in the logs.
 - PEFT runs also save `instructblip_trainable.safetensors` next to the adapter: the Q-Former is not part of it.
+- under FSDP2 and ZeRO-3 the trained weights are gathered from their shards before they are written; resuming under
+  FSDP reads the FSDP checkpoint `Trainer` writes (it holds every weight).
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ from transformers.utils import (
 
 from ..model.loss import target_labels
 from .collator import IGNORE_INDEX, InstructBlipDataCollator
-from .freezing import TRAINABLE_WEIGHTS_NAME, instructblip_base, load_trainable_weights, save_trainable_weights
+from .freezing import (
+    TRAINABLE_WEIGHTS_NAME,
+    instructblip_base,
+    load_trainable_weights,
+    save_trainable_weights,
+    trainable_state_dict,
+)
 from .sampler import SamplerEpochCallback
 from .vision_cache import VisionFeatureCache
 
@@ -81,6 +89,7 @@ class InstructBlipTrainer(Trainer):
         self.args = copy.copy(self.args)  # leave the caller's TrainingArguments as they were
         self.args.remove_unused_columns = False  # the collator needs the raw record fields
         self._add_sampler_epoch_callback()
+        self._check_fsdp()
         config = instructblip_base(self.model).config
         self._check_collator(config)
         self._shift = config.use_decoder_only_language_model  # decoder-only labels are read shifted by one
@@ -94,6 +103,22 @@ class InstructBlipTrainer(Trainer):
         callbacks = self.callback_handler.callbacks
         if not any(isinstance(cb, SamplerEpochCallback) and cb.sampler is sampler for cb in callbacks):
             self.add_callback(SamplerEpochCallback(sampler))
+
+    def _check_fsdp(self) -> None:
+        """Refuse what FSDP cannot run: the vision cache calls the vision encoder outside the sharded model's forward
+        (its embeddings would still be shards), and FSDP1 keeps trained weights as flat shards we do not gather."""
+        if not self.is_fsdp_enabled:
+            return
+        if self.vision_feature_cache is not None:
+            raise ValueError("`vision_feature_cache` cannot be used under FSDP (the vision encoder runs outside the "
+                             "sharded forward); leave it out, or train with DDP or DeepSpeed.")
+        version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        if self.save_trainable_only and version != 2:
+            raise ValueError(f"`save_trainable_only=True` under FSDP needs FSDP2 (fsdp_config={{'version': 2}}, the "
+                             f"default), found FSDP version {version}.")
+
+    def _sharded_fsdp_checkpoints(self) -> bool:
+        return self.is_fsdp_enabled and "SHARDED" in str(self.accelerator.state.fsdp_plugin.state_dict_type)
 
     def _check_collator(self, config) -> None:
         """Catch a collator built for another LLM kind or image token before the first step does."""
@@ -185,10 +210,16 @@ class InstructBlipTrainer(Trainer):
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Full model (or PEFT adapter) as `Trainer` does, or only the trained weights; PEFT runs add those."""
+        """Full model (or PEFT adapter) as `Trainer` does, or only the trained weights; PEFT runs add those.
+
+        Under FSDP every process must call it (the trained weights are gathered from their shards). With sharded FSDP
+        state dicts `Trainer` writes no full weights; `config.json` is added so that `accelerate merge-weights
+        CKPT/pytorch_model_fsdp_0 CKPT` turns a checkpoint into a `from_pretrained` folder."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
         peft = instructblip_base(model) is not model  # a PEFT model wraps the InstructBLIP one
+        if self._sharded_fsdp_checkpoints() and self.args.should_save:
+            instructblip_base(model).config.save_pretrained(output_dir)
         if not self.save_trainable_only:
             super().save_model(output_dir, _internal_call=_internal_call)
         elif self.args.should_save:
@@ -197,14 +228,17 @@ class InstructBlipTrainer(Trainer):
                 model.save_pretrained(output_dir)  # adapter weights + adapter config only
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
-        if (self.save_trainable_only or peft) and self.args.should_save:
-            save_trainable_weights(model, output_dir)
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # gathering shards is a collective
+        if (self.save_trainable_only or peft) and (self.args.should_save or sharded):
+            weights = trainable_state_dict(model)  # every process gathers, one writes
+            if self.args.should_save:
+                save_trainable_weights(model, output_dir, weights)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         """Resume: `Trainer`'s loading for full / adapter weights, then `instructblip_trainable.safetensors`."""
         model = model if model is not None else self.model
         trainable = os.path.join(resume_from_checkpoint, TRAINABLE_WEIGHTS_NAME)
-        if not os.path.isfile(trainable):
+        if not os.path.isfile(trainable) or self.is_fsdp_enabled:  # FSDP checkpoints hold every weight, sharded
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         weight_files = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
                         ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
