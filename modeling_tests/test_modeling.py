@@ -129,6 +129,16 @@ def test_auto_classes_return_ours(tmp_path):
     assert set(auto_map) >= {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
 
 
+def test_the_pretrained_base_class_is_exported_and_shared():
+    import hf_instructblip
+
+    base = hf_instructblip.InstructBlipPreTrainedModel
+    assert "InstructBlipPreTrainedModel" in hf_instructblip.__all__
+    for cls in (InstructBlipForConditionalGeneration, hf_instructblip.InstructBlipVisionModel,
+                hf_instructblip.InstructBlipQFormerModel, hf_instructblip.InstructBlipVideoForConditionalGeneration):
+        assert issubclass(cls, base), cls
+
+
 def test_fused_head_loss_is_a_call_option_not_a_checkpoint_setting(tmp_path):
     """Folders saved by 0.1 carry `fused_head_loss` in config.json: they load, and saving drops the key."""
     model = make_ours("llama", seed=6)

@@ -25,6 +25,7 @@ from .model.processing import HfInstructBlipProcessor, InstructBlipProcessor, sy
 from .model.configuration_video import InstructBlipVideoConfig
 from .model.modeling_video import InstructBlipVideoForConditionalGeneration
 from .model.processing_video import HfInstructBlipVideoProcessor, InstructBlipVideoProcessor
+from .model.pretrained import InstructBlipPreTrainedModel
 from .model.qformer import InstructBlipQFormerModel
 from .model.vision_encoder import InstructBlipVisionModel
 from .templates import eval_prompt, make_instruction_record, template_family, templates_for
@@ -64,6 +65,7 @@ __all__ = [
     "InstructBlipConfig",
     "InstructBlipDataCollator",
     "InstructBlipForConditionalGeneration",
+    "InstructBlipPreTrainedModel",
     "InstructBlipProcessor",
     "InstructBlipQFormerConfig",
     "InstructBlipQFormerModel",
