@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 def runs(tmp_path_factory):
     """(the worker's output folder, the one-process reference trainer)."""
     out_dir = tmp_path_factory.mktemp("deepspeed")
-    process = start_torchrun(Path(ds_worker.__file__).resolve(), out_dir)  # runs while the reference trains
+    process = start_torchrun(out_dir, Path(ds_worker.__file__).resolve())  # runs while the reference trains
     try:
         single = worker.make_trainer(tmp_path_factory.mktemp("single"), batch_size=WORLD_SIZE * 2,
                                      **worker.DISTRIBUTED_ARGS)

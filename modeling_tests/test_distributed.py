@@ -36,13 +36,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_torchrun(out_dir: Path) -> subprocess.Popen:
-    """Launch the worker on 2 CPU processes, importing the same `hf_instructblip` as this process."""
+def start_torchrun(out_dir: Path, script: Path = WORKER) -> subprocess.Popen:
+    """`script OUT_DIR` (default: the DDP worker) on 2 CPU processes, importing the same `hf_instructblip` as this
+    process."""
     package_root = str(Path(hf_instructblip.__file__).resolve().parents[1])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD_SIZE),
-               "--master_port", str(free_port()), str(WORKER), str(out_dir)]
+               "--master_port", str(free_port()), str(script), str(out_dir)]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -13,10 +13,6 @@ logits inside a larger unit, with the same loss and gradients either way.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,23 +24,11 @@ import _distributed_worker as worker
 import _fsdp_worker as fsdp_worker
 import hf_instructblip
 from hf_instructblip import InstructBlipForConditionalGeneration, load_trainable_weights
+from test_distributed import start_torchrun
 
 WORLD_SIZE = 2
 STEPS = worker.EPOCHS * worker.NUM_SAMPLES // (WORLD_SIZE * 2)
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-
-
-def start_torchrun(script: Path, out_dir: Path) -> subprocess.Popen:
-    """`script OUT_DIR` on 2 CPU processes, importing the same `hf_instructblip` as this process."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    package_root = str(Path(hf_instructblip.__file__).resolve().parents[1])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD_SIZE),
-               "--master_port", str(port), str(script), str(out_dir)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 class Snapshot(TrainerCallback):
@@ -62,7 +46,7 @@ class Snapshot(TrainerCallback):
 def runs(tmp_path_factory):
     """(the worker's output folder and record.json, the one-process reference trainer, its checkpoint-step weights)."""
     out_dir = tmp_path_factory.mktemp("fsdp")
-    process = start_torchrun(Path(fsdp_worker.__file__).resolve(), out_dir)  # runs while the reference trains
+    process = start_torchrun(out_dir, Path(fsdp_worker.__file__).resolve())  # runs while the reference trains
     try:
         snapshot = Snapshot(worker.RESUME_STEP)
         single = worker.make_trainer(tmp_path_factory.mktemp("single"), batch_size=WORLD_SIZE * 2,

@@ -50,6 +50,7 @@ def test_16_bit_and_float_pil_images_are_scaled_like_arrays(mode):
         pil = Image.fromarray(values, mode="F")
     expected = load_image(values)  # the same values as a float array in [0, 1]
     assert np.array_equal(np.asarray(load_image(pil)), np.asarray(expected))
+    assert np.array_equal(np.asarray(load_image((values * 65535).round().astype(np.uint16))), np.asarray(expected))
     assert np.asarray(load_image(pil)).max() == 255 and np.asarray(load_image(pil)).min() == 0
 
 

@@ -3,7 +3,7 @@ evaluation (the processor, the collator, the mixture and the evaluation runner a
 
 Accepted: PIL images in any mode (transparency composited onto white, as transformers' `convert_to_rgb`), a
 file path (relative to `root`), `datasets` `Image(decode=False)` rows (`{"bytes", "path"}`), raw bytes, and numpy
-arrays / torch tensors (HW, HWC or CHW; uint8 0-255 or float 0-1).
+arrays / torch tensors (HW, HWC or CHW; uint8 0-255, uint16 0-65535 or float 0-1).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def _rgb(image: Image.Image, where: str) -> Image.Image:
         return image
     if image.mode == "F":
         return _array_to_pil(np.asarray(image, dtype=np.float32), False, where)
-    if image.mode.startswith("I;16"):  # 16-bit grey: 0..65535
-        return _array_to_pil(np.asarray(image, dtype=np.float32) / 65535.0, False, where)
+    if image.mode.startswith("I;16"):  # 16-bit grey: 0..65535, scaled as a uint16 array is
+        return _array_to_pil(np.asarray(image).astype(np.uint16), False, where)
     if image.mode == "I":
         raise TypeError(f"`{where}` is a 32-bit integer PIL image (mode 'I'), whose value range is unknown; "
                         "convert it to uint8 (0-255) or to a float array in [0, 1] first.")
@@ -61,6 +61,8 @@ def _array_to_pil(array: np.ndarray, channels_first: bool, where: str) -> Image.
     hwc = _channels_last(array, channels_first, where)
     if hwc.dtype == np.uint8:
         pixels = hwc
+    elif hwc.dtype == np.uint16:  # 16-bit images (PNG, TIFF): 0..65535 onto 0..255
+        pixels = np.round(hwc.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
     elif np.issubdtype(hwc.dtype, np.floating):
         if hwc.size and not np.isfinite(hwc).all():
             raise ValueError(f"Float image `{where}` holds NaN or infinite values; expected values in [0, 1].")
@@ -72,7 +74,7 @@ def _array_to_pil(array: np.ndarray, channels_first: bool, where: str) -> Image.
             )
         pixels = np.round(hwc * 255.0).astype(np.uint8)
     else:
-        raise TypeError(f"`{where}` must be uint8 or float, found dtype {hwc.dtype}.")
+        raise TypeError(f"`{where}` must be uint8, uint16 or float, found dtype {hwc.dtype}.")
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[pixels.shape[-1]]
     return _rgb(Image.fromarray(pixels[:, :, 0] if mode == "L" else np.ascontiguousarray(pixels), mode=mode), where)
 

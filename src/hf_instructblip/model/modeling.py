@@ -253,11 +253,11 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         """
         return_dict = kwargs.pop("return_dict", None)
         shift = self.config.use_decoder_only_language_model
-        if kwargs.get("shift_labels") is not None:  # sequence / context parallel: labels already aligned
+        shift_labels = kwargs.pop("shift_labels", None)
+        if shift_labels is not None:  # sequence / context parallel: labels already aligned with the positions
             if not shift:
                 raise ValueError("`shift_labels` are for decoder-only LLMs; an encoder-decoder LLM takes `labels`.")
-            labels, shift = kwargs.pop("shift_labels"), False
-        kwargs.pop("shift_labels", None)
+            labels, shift = shift_labels, False
         image, inputs_embeds, attention_mask = self._encode_call(
             pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, inputs_embeds,
             interpolate_pos_encoding, image_embeds, labels=labels)

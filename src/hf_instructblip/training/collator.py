@@ -165,57 +165,46 @@ class InstructBlipDataCollator:
         return ids + [self.processor.tokenizer.eos_token_id]
 
     # --- one record -> id lists -----------------------------------------------------------------------------
-    def _decoder_only_rows(self, record: Mapping, index: int) -> tuple[list[int], list[int]]:
-        """`(input ids, labels)` for `[image x Q][bos][prompt][answer eos]`."""
+    def _decoder_only_rows(self, record: Mapping, index: int, tokens: int) -> tuple[list[int], list[int]]:
+        """`(input ids, labels)` for `[image x tokens][bos][prompt][answer eos]`."""
         bos, prompt = self._prompt_ids(record["instruction"], index)
         answer = self._answer_ids(record["answer"], index)
         prompt_labels = prompt if self.train_on_prompt else [IGNORE_INDEX] * len(prompt)
-        labels = self._with_image([[IGNORE_INDEX] * len(bos) + prompt_labels + answer], IGNORE_INDEX)
-        return self._with_image([bos + prompt + answer])[0], labels[0]
+        labels = prepend_image_placeholders([[IGNORE_INDEX] * len(bos) + prompt_labels + answer], IGNORE_INDEX, tokens)
+        return self._with_image(bos + prompt + answer, tokens), labels[0]
 
-    def _encoder_decoder_rows(self, record: Mapping, index: int) -> tuple[list[int], list[int]]:
-        """`(encoder ids, labels)` for encoder `[image x Q][prompt][eos]`, labels `[answer eos]`."""
+    def _encoder_decoder_rows(self, record: Mapping, index: int, tokens: int) -> tuple[list[int], list[int]]:
+        """`(encoder ids, labels)` for encoder `[image x tokens][prompt][eos]`, labels `[answer eos]`."""
         eos, prompt = self._prompt_ids(record["instruction"], index)
-        return self._with_image([prompt + eos])[0], self._answer_ids(record["answer"], index)
+        return self._with_image(prompt + eos, tokens), self._answer_ids(record["answer"], index)
 
-    def _with_image(self, rows: list[list[int]], fill: int | None = None) -> list[list[int]]:
-        """`rows` behind the image placeholders (or as many `fill` values: labels)."""
-        token = self.processor.image_token_id if fill is None else fill
-        return prepend_image_placeholders(rows, token, self.processor.num_query_tokens)
+    def _with_image(self, row: list[int], tokens: int) -> list[int]:
+        return prepend_image_placeholders([row], self.processor.image_token_id, tokens)[0]
 
-    def _visual_inputs(self, records: Sequence[Mapping], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """`pixel_values` `[B, 3, H, W]` for image records; for video records `[B, T, 3, H, W]`, and the rows get
-        the other T - 1 frames' placeholders in front (labels: -100 there, decoder-only only)."""
+    def _pixel_values(self, records: Sequence[Mapping]) -> tuple[torch.Tensor, int]:
+        """`(pixel_values, visual tokens per example)`: `[B, 3, H, W]` and Q for image records; `[B, T, 3, H, W]`
+        and T * Q for video records (T frames per clip)."""
         kinds = {_visual_field(record) for record in records}
         if kinds == {"image"}:
-            return self.processor.preprocess_images([r["image"] for r in records]), input_ids, attention_mask, labels
+            pixels = self.processor.preprocess_images([record["image"] for record in records])
+            return pixels, self.processor.num_query_tokens
         if len(kinds) > 1:
             raise ValueError("A batch mixes 'image' and 'video' records; batch images and videos separately.")
         if not hasattr(self.processor, "preprocess_videos"):
             raise TypeError(f"Video records need an InstructBlipVideoProcessor, found {type(self.processor).__name__}.")
-        pixel_values = self.processor.preprocess_videos([r["video"] for r in records])  # [B, T, 3, H, W]
-        extra = (pixel_values.shape[1] - 1) * self.processor.num_query_tokens
-
-        def more(rows: torch.Tensor, fill: int) -> torch.Tensor:
-            return torch.cat([torch.full((rows.shape[0], extra), fill, dtype=rows.dtype), rows], dim=1)
-
-        if self.decoder_only:
-            labels = more(labels, IGNORE_INDEX)
-        return pixel_values, more(input_ids, self.processor.image_token_id), more(attention_mask, 1), labels
+        pixels = self.processor.preprocess_videos([record["video"] for record in records])  # [B, T, 3, H, W]
+        return pixels, pixels.shape[1] * self.processor.num_query_tokens
 
     # --- batch ----------------------------------------------------------------------------------------------
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         _check_records(records)
+        pixel_values, tokens = self._pixel_values(records)
         rows = self._decoder_only_rows if self.decoder_only else self._encoder_decoder_rows
-        inputs, labels = zip(*(rows(record, i) for i, record in enumerate(records)))
-        pad_id = self.processor.tokenizer.pad_token_id
-        input_ids, attention_mask = pad_right(list(inputs), pad_id)  # [B, L]; right padding for training
+        inputs, labels = zip(*(rows(record, i, tokens) for i, record in enumerate(records)))
+        input_ids, attention_mask = pad_right(list(inputs), self.processor.tokenizer.pad_token_id)  # [B, L], right
         label_ids, _ = pad_right(list(labels), IGNORE_INDEX)  # [B, L] (T5: [B, L_answer])
         qformer = self.processor.qformer_text([record["instruction"] for record in records],
                                               max_length=self.qformer_max_length)  # left truncated, right padded
-        pixel_values, input_ids, attention_mask, label_ids = self._visual_inputs(records, input_ids, attention_mask,
-                                                                                  label_ids)
         batch = {
             "pixel_values": pixel_values,
             "qformer_input_ids": torch.tensor(qformer["qformer_input_ids"]),
