@@ -20,7 +20,7 @@ from .evaluate.metrics import (
 from .evaluate.ranking import CandidateRanking, rank_candidates
 from .hub import LocalHubApi, model_card, push_to_hub, push_trainable_to_hub, trainable_card
 from .model.configuration import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
-from .model.modeling import InstructBlipForConditionalGeneration
+from .model.modeling import InstructBlipForConditionalGeneration, InstructBlipModel
 from .model.processing import HfInstructBlipProcessor, InstructBlipProcessor, sync_image_token
 from .model.configuration_video import InstructBlipVideoConfig
 from .model.modeling_video import InstructBlipVideoForConditionalGeneration
@@ -65,6 +65,7 @@ __all__ = [
     "InstructBlipConfig",
     "InstructBlipDataCollator",
     "InstructBlipForConditionalGeneration",
+    "InstructBlipModel",
     "InstructBlipPreTrainedModel",
     "InstructBlipProcessor",
     "InstructBlipQFormerConfig",

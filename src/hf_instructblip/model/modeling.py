@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig, GenerationMixin
-from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig, GenerationMixin
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, Seq2SeqModelOutput
 from transformers.utils import ModelOutput
 
 from .configuration import InstructBlipConfig
@@ -47,19 +47,31 @@ class InstructBlipForConditionalGenerationModelOutput(ModelOutput):
     language_model_outputs: ModelOutput | None = None
 
 
-class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, GenerationMixin):
-    """InstructBLIP with its LLM, for training (`labels` -> loss) and `generate`.
+@dataclass
+class InstructBlipModelOutput(ModelOutput):
+    """`last_hidden_state` `[B, L, D_llm]`: the LLM body's last hidden states (its decoder's for an encoder-decoder
+    LLM), what a fused LM head (TRL, Liger) reads; the three parts' own outputs (the LLM's with its cache) come
+    alongside."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    vision_outputs: BaseModelOutput | None = None
+    qformer_outputs: BaseModelOutput | None = None
+    language_model_outputs: ModelOutput | None = None
+
+
+class InstructBlipModel(InstructBlipPreTrainedModel):
+    """InstructBLIP without the LM head: vision encoder -> Q-Former -> projection -> the LLM's body, returning its
+    last hidden states. It loads the full model's checkpoints (their LLM body weights; the head's are skipped).
 
     Example:
-        >>> from hf_instructblip import InstructBlipForConditionalGeneration, InstructBlipProcessor
-        >>> model = InstructBlipForConditionalGeneration.from_pretrained("Salesforce/instructblip-flan-t5-xl")
-        >>> processor = InstructBlipProcessor.from_pretrained("Salesforce/instructblip-flan-t5-xl")
+        >>> from hf_instructblip import InstructBlipModel
+        >>> model = InstructBlipModel.from_pretrained("Salesforce/instructblip-vicuna-7b")
         >>> inputs = processor(images=image, text="What is in the picture?", return_tensors="pt")
-        >>> processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)
+        >>> model(**inputs).last_hidden_state.shape  # [1, L, 4096]
     """
 
     main_input_name = "pixel_values"
-    accepts_loss_kwargs = True  # `Trainer` hands us `num_items_in_batch` (exact gradient accumulation)
+    _keys_to_ignore_on_load_unexpected = [r"^language_model\.lm_head\."]  # the full model's head
 
     def __init__(self, config: InstructBlipConfig):
         super().__init__(config)
@@ -67,9 +79,20 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
         self.qformer = InstructBlipQFormerModel._from_config(config.qformer_config)
         self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
-        llm_class = AutoModelForCausalLM if config.use_decoder_only_language_model else AutoModelForSeq2SeqLM
-        self.language_model = llm_class.from_config(config.text_config)
+        self.language_model = self._build_language_model(config)
         self.post_init()
+
+    @staticmethod
+    def _build_language_model(config: InstructBlipConfig) -> nn.Module:
+        return AutoModel.from_config(config.text_config)  # LlamaModel, OPTModel, T5Model...
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`; a decoder-only LLM body stored under the full model's
+        `language_model.model.*` keys loads as `language_model.*` (T5's keys are the same in both)."""
+        if cls is InstructBlipModel:
+            kwargs.setdefault("key_mapping", {r"^language_model\.model\.": "language_model."})
+        return super().from_pretrained(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `PreTrainedModel.save_pretrained`; `auto_map` names us for both `AutoModel` and
@@ -222,6 +245,108 @@ class InstructBlipForConditionalGeneration(InstructBlipPreTrainedModel, Generati
             pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding, image_embeds
         )
         return image, *self.prepare_llm_inputs(input_ids, image.pooler_output, attention_mask, inputs_embeds)
+
+    # --- the LLM body ---------------------------------------------------------------------------------
+    def _language_body(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                       decoder_input_ids: torch.Tensor | None, decoder_attention_mask: torch.Tensor | None,
+                       **kwargs) -> ModelOutput:
+        """The LLM without its head on the filled embeddings: outputs with `last_hidden_state` `[B, L, D_llm]`."""
+        if self.config.use_decoder_only_language_model:
+            return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        if decoder_input_ids is None:
+            raise ValueError("An encoder-decoder LLM needs `decoder_input_ids` for its hidden states; found none.")
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   decoder_input_ids=decoder_input_ids,
+                                   decoder_attention_mask=decoder_attention_mask, **kwargs)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        image_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> InstructBlipModelOutput:
+        """Images + prompt -> the LLM's last hidden states `[B, L, D_llm]` (decoder positions for T5), no logits.
+        Other keyword arguments (`use_cache`, `output_hidden_states`...) go to the LLM."""
+        return_dict = kwargs.pop("return_dict", None)
+        image, inputs_embeds, attention_mask = self._encode_call(
+            pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, inputs_embeds,
+            interpolate_pos_encoding, image_embeds)
+        outputs = self._language_body(inputs_embeds, attention_mask, decoder_input_ids, decoder_attention_mask,
+                                      return_dict=True, **kwargs)
+        output = InstructBlipModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            vision_outputs=image.vision_outputs,
+            qformer_outputs=image.qformer_outputs,
+            language_model_outputs=outputs,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class _LanguageBody:
+    """`base_model` of the full model: calling it runs `InstructBlipModel.forward` on the full model's own modules
+    (the LLM without its head), as TRL's and Liger's fused heads do before applying the head themselves. Not a
+    module of its own, so the state dict keeps the full model's layout."""
+
+    _tp_plan = None
+    _pp_plan = None
+
+    def __init__(self, model: "InstructBlipForConditionalGeneration"):
+        self._model = model
+
+    def __call__(self, *args, **kwargs) -> InstructBlipModelOutput:
+        return InstructBlipModel.forward(self._model, *args, **kwargs)
+
+    def get_image_features(self, *args, **kwargs) -> InstructBlipImageFeatures:
+        return self._model.get_image_features(*args, **kwargs)
+
+
+class InstructBlipForConditionalGeneration(InstructBlipModel, GenerationMixin):
+    """InstructBLIP with its LLM, for training (`labels` -> loss) and `generate`.
+
+    Example:
+        >>> from hf_instructblip import InstructBlipForConditionalGeneration, InstructBlipProcessor
+        >>> model = InstructBlipForConditionalGeneration.from_pretrained("Salesforce/instructblip-flan-t5-xl")
+        >>> processor = InstructBlipProcessor.from_pretrained("Salesforce/instructblip-flan-t5-xl")
+        >>> inputs = processor(images=image, text="What is in the picture?", return_tensors="pt")
+        >>> processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)
+    """
+
+    accepts_loss_kwargs = True  # `Trainer` hands us `num_items_in_batch` (exact gradient accumulation)
+    _keys_to_ignore_on_load_unexpected = None
+
+    @staticmethod
+    def _build_language_model(config: InstructBlipConfig) -> nn.Module:
+        llm_class = AutoModelForCausalLM if config.use_decoder_only_language_model else AutoModelForSeq2SeqLM
+        return llm_class.from_config(config.text_config)
+
+    @property
+    def base_model(self) -> _LanguageBody:
+        """The model up to the LLM's last hidden states, without the LM head (see `InstructBlipModel`)."""
+        return _LanguageBody(self)
+
+    def _language_body(self, inputs_embeds, attention_mask, decoder_input_ids, decoder_attention_mask, **kwargs):
+        """As `InstructBlipModel._language_body`, through the LLM's own body modules: a causal LM's `base_model`
+        (e.g. `LlamaModel`); T5's encoder then decoder (T5's own forward applies the head right after)."""
+        llm = self.language_model
+        if self.config.use_decoder_only_language_model:
+            return llm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        if decoder_input_ids is None:
+            raise ValueError("An encoder-decoder LLM needs `decoder_input_ids` for its hidden states; found none.")
+        encoder_outputs = llm.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                            return_dict=True)
+        decoder_outputs = llm.get_decoder()(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
+                                            encoder_hidden_states=encoder_outputs.last_hidden_state,
+                                            encoder_attention_mask=attention_mask, **kwargs)
+        return Seq2SeqModelOutput(last_hidden_state=decoder_outputs.last_hidden_state,
+                                  encoder_last_hidden_state=encoder_outputs.last_hidden_state)
 
     # --- training / scoring forward -------------------------------------------------------------------
     def forward(
