@@ -437,6 +437,46 @@ def test_vision_and_image_feature_outputs_match_transformers(pair):
     assert features.qformer_outputs is not None and features.vision_outputs is not None
 
 
+def test_attentions_and_hidden_states_of_every_part_match_transformers():
+    """`output_attentions` / `output_hidden_states` on the full model reach the vision encoder and the Q-Former
+    (self- and cross-attention). The oracle is transformers' own vision model and Q-Former called directly in eager
+    mode: its full model drops them, and its Q-Former lists the cross-attention probabilities among `attentions`
+    too (they are told apart here by shape). Ours stay on sdpa: a call that asks for probabilities runs eager."""
+    reference = make_reference("llama")
+    reference.set_attn_implementation("eager")
+    ours = make_ours("llama")
+    ours.load_state_dict(reference.state_dict())
+    inputs = batch_inputs(seed=15)
+    pixels, text, text_mask = inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"]
+    flags = dict(output_attentions=True, output_hidden_states=True)
+    with torch.no_grad():
+        mine = ours(**inputs, **flags)
+        plain = ours(**inputs)
+        vision = reference.vision_model(pixels, **flags)
+        queries = reference.query_tokens.expand(len(pixels), -1, -1)
+        qformer = reference.qformer(input_ids=text, attention_mask=torch.cat([torch.ones(len(pixels), Q), text_mask], 1),
+                                    query_embeds=queries, encoder_hidden_states=vision.last_hidden_state, **flags)
+    real = inputs["attention_mask"].bool()  # pad positions differ between the LLM's eager and sdpa kernels
+    torch.testing.assert_close(mine.logits[real], plain.logits[real], atol=1e-5, rtol=0)
+    self_attentions = tuple(a for a in qformer.attentions if a.shape[-1] == a.shape[-2])
+    expected = {("vision_outputs", "attentions"): vision.attentions,
+                ("vision_outputs", "hidden_states"): vision.hidden_states,
+                ("qformer_outputs", "attentions"): self_attentions,
+                ("qformer_outputs", "hidden_states"): qformer.hidden_states,
+                ("qformer_outputs", "cross_attentions"): qformer.cross_attentions}
+    for (part, name), want in expected.items():
+        got = getattr(mine[part], name)
+        assert len(got) == len(want) > 0, (part, name)
+        for layer, (a, b) in enumerate(zip(got, want)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"{part}.{name}[{layer}]")
+    assert len(mine.qformer_outputs.attentions) == ours.config.qformer_config.num_hidden_layers
+    assert plain.vision_outputs.attentions is None and plain.qformer_outputs.cross_attentions is None
+    ours.set_attn_implementation("eager")  # transformers' configs refuse `output_attentions` under sdpa
+    ours.vision_model.config.output_attentions = True  # the config's default, as transformers reads it
+    with torch.no_grad():
+        assert len(ours.vision_model(pixels).attentions) == 2
+
+
 def test_shift_labels_are_scored_as_given():
     """Sequence-parallel training passes labels already shifted: position t is scored against shift_labels[t]."""
     model = make_ours("llama", seed=15)

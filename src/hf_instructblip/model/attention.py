@@ -21,9 +21,12 @@ def eager_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain softmax attention; `attention_mask` is additive `[B, 1, Lq, Lk]` or None."""
+    """Plain softmax attention; `attention_mask` `[B, 1, Lq, Lk]` is additive, boolean (True = attend; the sdpa
+    layout, met when a call asks for probabilities on an sdpa model) or None."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # [B, H, Lq, Lk]
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
         scores = scores + attention_mask
     probs = nn.functional.softmax(scores, dim=-1)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
@@ -38,12 +41,18 @@ def attend(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float,
-) -> torch.Tensor:
-    """Run the configured attention kernel and merge heads: `[B, H, L, Dh]` -> `[B, L, H * Dh]`."""
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the configured attention kernel and merge heads: `[B, H, L, Dh]` -> `([B, L, H * Dh], probs | None)`.
+
+    With `output_attentions` the call runs the eager kernel, the one that forms the probabilities `[B, H, Lq, Lk]`
+    (fused kernels never materialise them); the output is the same attention.
+    """
     implementation = module.config._attn_implementation or "eager"
-    kernel = eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
-    output, _ = kernel(
+    eager = output_attentions or implementation == "eager"
+    kernel = eager_attention if eager else ALL_ATTENTION_FUNCTIONS[implementation]
+    output, probs = kernel(
         module, query, key, value, attention_mask,
         scaling=scaling, dropout=dropout if module.training else 0.0,
     )
-    return output.reshape(*output.shape[:2], -1)
+    return output.reshape(*output.shape[:2], -1), probs if output_attentions else None

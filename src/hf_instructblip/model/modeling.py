@@ -139,8 +139,10 @@ class InstructBlipModel(InstructBlipPreTrainedModel):
         **kwargs,
     ) -> InstructBlipImageFeatures:
         """Images (+ instruction for the Q-Former) -> `pooler_output` `[B, Q, D_llm]`. `image_embeds` `[B, N, D_vision]`
-        (the vision encoder's `last_hidden_state`, e.g. from a feature cache) replace `pixel_values` when given."""
-        vision_outputs = self._vision_outputs(pixel_values, interpolate_pos_encoding, image_embeds)
+        (the vision encoder's `last_hidden_state`, e.g. from a feature cache) replace `pixel_values` when given.
+        `output_attentions` / `output_hidden_states` reach the vision encoder and the Q-Former."""
+        recorded = {key: kwargs[key] for key in ("output_attentions", "output_hidden_states") if key in kwargs}
+        vision_outputs = self._vision_outputs(pixel_values, interpolate_pos_encoding, image_embeds, **recorded)
         image_embeds = vision_outputs.last_hidden_state  # [B, N, D_vision]
         batch = image_embeds.shape[0]
         queries = self.query_tokens.expand(batch, -1, -1)  # [B, Q, D_qformer]
@@ -149,26 +151,29 @@ class InstructBlipModel(InstructBlipPreTrainedModel):
             query_mask = torch.ones(queries.shape[:2], dtype=mask.dtype, device=mask.device)
             mask = torch.cat([query_mask, mask], dim=1)  # [B, Q + T]
         qformer_outputs = self.qformer(
-            input_ids=input_ids, attention_mask=mask, query_embeds=queries, encoder_hidden_states=image_embeds
+            input_ids=input_ids, attention_mask=mask, query_embeds=queries, encoder_hidden_states=image_embeds,
+            **recorded,
         )
         query_output = qformer_outputs.last_hidden_state[:, : queries.shape[1]]  # [B, Q, D_qformer]
         features = InstructBlipImageFeatures(
             last_hidden_state=image_embeds,
             pooler_output=self.language_projection(query_output),  # [B, Q, D_llm]
             hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
             vision_outputs=vision_outputs,
             qformer_outputs=qformer_outputs,
         )
         return features if kwargs.get("return_dict", True) is not False else features.to_tuple()
 
     def _vision_outputs(
-        self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool, image_embeds: torch.Tensor | None
+        self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool, image_embeds: torch.Tensor | None,
+        **recorded: bool,
     ) -> BaseModelOutput:
         """The vision encoder's outputs for `pixel_values`, or `image_embeds` passed in their place."""
         if image_embeds is None:
             if pixel_values is None:
                 raise ValueError("`pixel_values` is required (or precomputed vision features as `image_embeds`).")
-            return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+            return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **recorded)
         expected = self.config.vision_config.hidden_size
         if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3 or image_embeds.shape[-1] != expected:
             found = list(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds).__name__
@@ -230,10 +235,11 @@ class InstructBlipModel(InstructBlipPreTrainedModel):
         return inputs_embeds, attention_mask
 
     def _encode_call(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
-                     inputs_embeds, interpolate_pos_encoding, image_embeds, labels=None):
+                     inputs_embeds, interpolate_pos_encoding, image_embeds, labels=None, llm_kwargs=None):
         """Check one `forward` / `generate` call, then encode its images and fill the LLM's inputs:
         `(image features output, inputs_embeds [B, L, D_llm], attention_mask [B, L])`. Given `inputs_embeds` alone,
-        the placeholders are the positions that hold the image token's embedding (as in transformers)."""
+        the placeholders are the positions that hold the image token's embedding (as in transformers).
+        `output_attentions` / `output_hidden_states` among the call's `llm_kwargs` reach the image encoders too."""
         if input_ids is None and inputs_embeds is not None:
             token = torch.tensor(self.config.image_token_index or 0, device=inputs_embeds.device)
             is_image = (inputs_embeds == self.get_input_embeddings()(token)).all(-1)  # [B, L]
@@ -241,8 +247,10 @@ class InstructBlipModel(InstructBlipPreTrainedModel):
         check_call(self.config, input_ids, pixel_values=pixel_values, image_embeds=image_embeds,
                    attention_mask=attention_mask, qformer_input_ids=qformer_input_ids,
                    qformer_attention_mask=qformer_attention_mask, labels=labels)
+        recorded = {key: value for key, value in (llm_kwargs or {}).items()
+                    if key in ("output_attentions", "output_hidden_states")}
         image = self.get_image_features(
-            pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding, image_embeds
+            pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding, image_embeds, **recorded
         )
         return image, *self.prepare_llm_inputs(input_ids, image.pooler_output, attention_mask, inputs_embeds)
 
@@ -278,7 +286,7 @@ class InstructBlipModel(InstructBlipPreTrainedModel):
         return_dict = kwargs.pop("return_dict", None)
         image, inputs_embeds, attention_mask = self._encode_call(
             pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, inputs_embeds,
-            interpolate_pos_encoding, image_embeds)
+            interpolate_pos_encoding, image_embeds, llm_kwargs=kwargs)
         outputs = self._language_body(inputs_embeds, attention_mask, decoder_input_ids, decoder_attention_mask,
                                       return_dict=True, **kwargs)
         output = InstructBlipModelOutput(
@@ -385,7 +393,7 @@ class InstructBlipForConditionalGeneration(InstructBlipModel, GenerationMixin):
             labels, shift = shift_labels, False
         image, inputs_embeds, attention_mask = self._encode_call(
             pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, inputs_embeds,
-            interpolate_pos_encoding, image_embeds, labels=labels)
+            interpolate_pos_encoding, image_embeds, labels=labels, llm_kwargs=kwargs)
         llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **kwargs}
         if not self.config.use_decoder_only_language_model:
             if decoder_input_ids is None:

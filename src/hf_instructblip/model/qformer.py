@@ -13,7 +13,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from .attention import attend
 from .configuration import InstructBlipQFormerConfig
@@ -39,11 +39,13 @@ class QFormerMultiHeadAttention(nn.Module):
         return states.view(*states.shape[:2], -1, self.head_dim).transpose(1, 2)  # [B, H, L, Dh]
 
     def forward(
-        self, hidden_states: torch.Tensor, context: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> torch.Tensor:
+        self, hidden_states: torch.Tensor, context: torch.Tensor, attention_mask: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         query = self._heads(self.query(hidden_states))
         key, value = self._heads(self.key(context)), self._heads(self.value(context))
-        return attend(self, query, key, value, attention_mask, self.scaling, self.config.attention_probs_dropout_prob)
+        return attend(self, query, key, value, attention_mask, self.scaling, self.config.attention_probs_dropout_prob,
+                      output_attentions)
 
 
 class QFormerResidualOutput(nn.Module):
@@ -66,9 +68,11 @@ class QFormerAttention(nn.Module):
         self.output = QFormerResidualOutput(config, config.hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, context: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return self.output(self.attention(hidden_states, context, attention_mask), hidden_states)
+        self, hidden_states: torch.Tensor, context: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, probs = self.attention(hidden_states, context, attention_mask, output_attentions)
+        return self.output(attended, hidden_states), probs
 
 
 class QFormerIntermediate(nn.Module):
@@ -100,19 +104,23 @@ class QFormerLayer(GradientCheckpointingLayer):
         image_embeds: torch.Tensor | None,  # [B, N, D_vision]
         attention_mask: torch.Tensor | None,
         num_queries: int,
-    ) -> torch.Tensor:
-        hidden_states = self.attention(hidden_states, hidden_states, attention_mask)
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`(hidden_states, self-attention probs, cross-attention probs)`; probs only with `output_attentions`."""
+        hidden_states, self_probs = self.attention(hidden_states, hidden_states, attention_mask, output_attentions)
         queries, text = hidden_states[:, :num_queries], hidden_states[:, num_queries:]
+        cross_probs = None
         if self.crossattention is not None and num_queries > 0:
             if image_embeds is None:
                 raise ValueError("`encoder_hidden_states` (image features) are required by cross-attention layers.")
-            queries = self.crossattention(queries, image_embeds)  # every image token is real: no mask
+            # every image token is real: no mask
+            queries, cross_probs = self.crossattention(queries, image_embeds, None, output_attentions)
         outputs = []
         if num_queries > 0:
             outputs.append(self.output_query(self.intermediate_query(queries), queries))
         if text.shape[1] > 0:
             outputs.append(self.output(self.intermediate(text), text))
-        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], self_probs, cross_probs
 
 
 class QFormerEmbeddings(nn.Module):
@@ -175,23 +183,40 @@ class InstructBlipQFormerModel(InstructBlipPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         query_embeds: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutput:
-        """`attention_mask` covers `[queries; input_ids]` (`[B, Q + T]`, 1 = keep), as in transformers."""
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions | tuple:
+        """`attention_mask` covers `[queries; input_ids]` (`[B, Q + T]`, 1 = keep), as in transformers.
+        `pooler_output` `[B, D]` is the first position's state; `hidden_states`, `attentions` (self-attention
+        `[B, H, Q + T, Q + T]`) and `cross_attentions` (`[B, H, Q, N]`, cross-attention layers only) on request, by
+        the call or the config."""
         if input_ids is None and query_embeds is None:
             raise ValueError("InstructBlipQFormerModel needs `input_ids`, `query_embeds`, or both.")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         num_queries = 0 if query_embeds is None else query_embeds.shape[1]
         hidden_states = self.embeddings(input_ids, query_embeds)  # [B, Q + T, D]
         mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
         )
-        all_hidden_states = [hidden_states] if output_hidden_states else None
+        all_hidden_states, self_attentions, cross_attentions = [hidden_states], [], []
         for layer in self.encoder.layer:
-            hidden_states = layer(hidden_states, encoder_hidden_states, mask, num_queries)
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-        return BaseModelOutput(
+            hidden_states, self_probs, cross_probs = layer(
+                hidden_states, encoder_hidden_states, mask, num_queries, output_attentions
+            )
+            all_hidden_states.append(hidden_states)
+            self_attentions.append(self_probs)
+            if cross_probs is not None:
+                cross_attentions.append(cross_probs)
+        output = BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=hidden_states,
+            pooler_output=hidden_states[:, 0],  # [B, D]
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(self_attentions) if output_attentions else None,
+            cross_attentions=tuple(cross_attentions) if output_attentions else None,
         )
+        return output if return_dict is not False else output.to_tuple()

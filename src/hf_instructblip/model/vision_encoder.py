@@ -69,12 +69,15 @@ class EvaAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.projection = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, L, Dh]
-        output = attend(self, query, key, value, None, self.scaling, self.config.attention_dropout)
-        return self.projection(output)
+        output, probs = attend(self, query, key, value, None, self.scaling, self.config.attention_dropout,
+                               output_attentions)
+        return self.projection(output), probs
 
 
 class EvaMLP(nn.Module):
@@ -98,9 +101,12 @@ class EvaEncoderLayer(GradientCheckpointingLayer):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = EvaMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states))
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, probs = self.self_attn(self.layer_norm1(hidden_states), output_attentions)
+        hidden_states = hidden_states + attended
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states)), probs
 
 
 class EvaEncoder(nn.Module):
@@ -139,22 +145,28 @@ class InstructBlipVisionModel(InstructBlipPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling | tuple:
         """`last_hidden_state` `[B, 1 + N, D]` after `post_layernorm`; `pooler_output` `[B, D]`: the class token,
-        normalised once more (as transformers' BLIP vision models); `hidden_states` on request (call or config)."""
+        normalised once more (as transformers' BLIP vision models); `hidden_states` (embeddings + every layer) and
+        `attentions` (`[B, H, 1 + N, 1 + N]` per layer) on request, by the call or the config."""
         check_pixel_values(pixel_values, self.config.image_size, self.config.patch_size, interpolate_pos_encoding)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding)  # [B, 1 + N, D]
-        all_hidden_states = [hidden_states]
+        all_hidden_states, all_attentions = [hidden_states], []
         for layer in self.encoder.layers:
-            hidden_states = layer(hidden_states)
+            hidden_states, probs = layer(hidden_states, output_attentions)
             all_hidden_states.append(hidden_states)
+            all_attentions.append(probs)
         last_hidden_state = self.post_layernorm(hidden_states)
         output = BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
             pooler_output=self.post_layernorm(last_hidden_state[:, 0]),  # [B, D]
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
         )
         return output if return_dict is not False else output.to_tuple()
