@@ -316,3 +316,44 @@ def test_nested_image_lists_one_per_prompt(tmp_path):
         processor(images=[images, images], text=PROMPTS)
     processor.save_pretrained(tmp_path)
     assert InstructBlipProcessor.from_pretrained(tmp_path).chat_template == processor.chat_template
+
+
+def test_text_options_in_text_kwargs_and_common_kwargs_equal_the_flat_ones():
+    """transformers' processor conventions: options grouped per modality, or shared, give the flat call's tensors."""
+    processor = tiny.processor("llama")
+    images, texts = tiny.images(2), ["what colour is the square", "what"]
+    flat = processor(images=images, text=texts, max_length=9, truncation=True, return_tensors="pt")
+    grouped = processor(images=images, text=texts, text_kwargs={"max_length": 9, "truncation": True},
+                        common_kwargs={"return_tensors": "pt"})
+    assert flat["input_ids"].shape[1] == 9  # the bound was applied, not ignored
+    assert set(flat) == set(grouped)
+    for key in flat:
+        assert torch.equal(flat[key], grouped[key]), key
+    with pytest.raises(ValueError, match="two times"):
+        processor(images=images, text=texts, max_length=9, text_kwargs={"max_length": 9})
+
+
+def test_a_single_prompt_needs_no_pad_token():
+    """transformers asks the tokenizer to pad only a batch: a tokenizer without a pad token takes one prompt."""
+    processor = tiny.processor("llama")
+    processor.tokenizer.pad_token = None
+    single = processor(images=tiny.images(1), text="what colour", return_tensors="pt")
+    assert single["attention_mask"].all()
+    with pytest.raises(ValueError, match="pad"):  # a batch of different lengths does need one
+        processor(images=tiny.images(2), text=["what colour", "what colour is the square"], return_tensors="pt")
+
+
+def test_tokenizer_creation_defaults_are_respected_and_ours_stay_overridable():
+    tokenizer = tiny.llm_tokenizer("llama")
+    tokenizer.init_kwargs.update(max_length=8, truncation=True)  # as `from_pretrained(..., max_length=8, ...)`
+    processor = InstructBlipProcessor(tiny.image_processor(), tokenizer, tiny.qformer_tokenizer(),
+                                      num_query_tokens=tiny.NUM_QUERY_TOKENS)
+    text = "what colour is the square in the picture"
+    assert len(processor(images=tiny.images(1), text=text)["input_ids"][0]) == 8  # the tokenizer's bound
+    assert len(processor(images=tiny.images(1), text=text, max_length=10)["input_ids"][0]) == 10  # the call wins
+    texts = ["what", "what colour is it"]
+    left = processor(text=texts, max_length=None, truncation=False)["attention_mask"]
+    right = processor(text=texts, padding_side="right", max_length=None, truncation=False)["attention_mask"]
+    assert left[0][0] == 0 and right[0][-1] == 0  # our left padding by default, the call's side when given
+    qformer = processor(text=texts, qformer_max_length=3)["qformer_input_ids"]
+    assert max(len(row) for row in qformer) == 3  # the processor's own Q-Former bound is a call option too

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
-from transformers.processing_utils import ImagesKwargs
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, TextKwargs
 from transformers.tokenization_utils_base import AddedToken
 
 from .configuration import InstructBlipConfig
@@ -25,7 +25,6 @@ from .images import to_rgb_images
 
 DEFAULT_IMAGE_TOKEN = "<image>"
 QFORMER_MAX_LENGTH = 128  # LAVIS `max_txt_len` for the Q-Former instruction
-_IMAGE_KWARGS = frozenset(ImagesKwargs.__annotations__) - {"return_tensors"}
 # InstructBLIP has no chat format: as in LAVIS, the prompt is the user's text (the last user turn's text parts);
 # the processor places the image itself, so image entries of the messages write nothing here.
 CHAT_TEMPLATE = (
@@ -34,6 +33,19 @@ CHAT_TEMPLATE = (
     "{%- else -%}{{ user['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}"
     "{%- endif -%}"
 )
+
+
+class InstructBlipProcessorKwargs(ProcessingKwargs, total=False):
+    """Call options, as transformers processors take them: flat, or grouped in `text_kwargs` / `images_kwargs` /
+    `common_kwargs`. `qformer_max_length` bounds the Q-Former instruction (default: the processor's own)."""
+
+    qformer_max_length: int
+
+
+_IMAGE_KWARGS = frozenset(ImagesKwargs.__annotations__) - {"return_tensors"}
+_MODALITY_GROUPS = frozenset({"text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs", "common_kwargs"})
+_CALL_OPTIONS = frozenset(TextKwargs.__annotations__) | frozenset(ImagesKwargs.__annotations__) | {
+    "qformer_max_length", "return_tensors"}
 
 
 # --- text ---------------------------------------------------------------------------------------------
@@ -127,7 +139,8 @@ class HfInstructBlipProcessor(ProcessorMixin):
         Accepts PIL images (any mode), numpy arrays and torch tensors (HW, HWC or CHW; uint8 0-255 or float
         0-1), one at a time, as a list, or as a `[B, ...]` batch. Extra keywords go to the image processor.
         """
-        return self._pixel_values(to_rgb_images(images), return_tensors, self._split_image_kwargs(images_kwargs))
+        _check_options(images_kwargs)
+        return self._pixel_values(to_rgb_images(images), return_tensors, images_kwargs)
 
     def _pixel_values(self, images: list[Image.Image], return_tensors: str | None, images_kwargs: dict) -> Any:
         return self.image_processor(images, return_tensors=return_tensors, **images_kwargs)["pixel_values"]
@@ -170,15 +183,6 @@ class HfInstructBlipProcessor(ProcessorMixin):
         self,
         images: Any = None,
         text: str | list[str] | None = None,
-        *,
-        padding: bool | str = "longest",
-        truncation: bool | str | None = None,
-        max_length: int | None = None,
-        padding_side: str | None = None,
-        add_special_tokens: bool = True,
-        qformer_max_length: int | None = None,
-        return_tensors: str | None = None,
-        images_kwargs: dict[str, Any] | None = None,
         videos: Any = None,
         audio: Any = None,
         **kwargs,
@@ -186,43 +190,41 @@ class HfInstructBlipProcessor(ProcessorMixin):
         """Images and/or prompts -> `BatchFeature` with `pixel_values`, `input_ids`, `attention_mask`,
         `qformer_input_ids`, `qformer_attention_mask` (what was given decides which).
 
-        One image may serve every prompt; otherwise images and prompts pair up one to one. `max_length` bounds
-        placeholders + prompt; the Q-Former text has its own bound, `qformer_max_length` (default 128). Image
-        processor options go in `images_kwargs` or as keywords (`do_resize=...`).
+        One image may serve every prompt; otherwise images and prompts pair up one to one. Options follow
+        transformers' processors (flat, or in `text_kwargs` / `images_kwargs` / `common_kwargs`; the LLM
+        tokenizer's creation options are defaults). Ours: a batch of prompts is padded (a single prompt is not),
+        on the processor's `padding_side` (left) unless the call says otherwise; `max_length` bounds placeholders +
+        prompt; the Q-Former text has its own bound, `qformer_max_length` (default the processor's, 128).
         """
         if images is None and text is None:
             raise ValueError("Pass `images`, `text` or both; both are None.")
         if videos is not None or audio is not None:  # `apply_chat_template` passes both, as None
             raise ValueError("This processor takes `images`; for clips use InstructBlipVideoProcessor(videos=...).")
-        images_kwargs = {**(images_kwargs or {}), **self._split_image_kwargs(kwargs)}
+        _check_options(kwargs)
+        options = self._merge_kwargs(InstructBlipProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs,
+                                     **kwargs)
+        text_kwargs, images_kwargs = options["text_kwargs"], options["images_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None) or images_kwargs.pop("return_tensors", None)
+        images_kwargs.pop("return_tensors", None)
         pil_images = to_rgb_images(images) if images is not None else None
         encoding: dict[str, Any] = {}
         if text is not None:
             texts = _as_texts(text)
             if pil_images is not None:
                 pil_images = _pair_images(pil_images, len(texts))
-            tokenizer_kwargs = dict(
-                padding=padding, truncation=truncation, add_special_tokens=add_special_tokens,
-                padding_side=_check_padding_side(padding_side or self.padding_side),
-            )
-            qformer_limit = qformer_max_length or self.qformer_max_length
+            asked = {**kwargs.get("text_kwargs", {}), **kwargs}
+            text_kwargs["padding_side"] = _check_padding_side(asked.get("padding_side") or self.padding_side)
+            if "padding" not in asked and "padding" not in self.tokenizer.init_kwargs:
+                text_kwargs["padding"] = "longest" if len(texts) > 1 else False  # one prompt needs no pad token
+            text_kwargs.setdefault("add_special_tokens", True)
+            max_length = text_kwargs.pop("max_length", None)
             # The Q-Former always reads `[CLS] text [SEP]`, as in training: `add_special_tokens` is for the LLM.
-            encoding.update(self.qformer_text(texts, padding, qformer_limit))
-            encoding.update(self._llm_text(texts, pil_images is not None, tokenizer_kwargs, max_length))
+            encoding.update(self.qformer_text(texts, text_kwargs.get("padding", False),
+                                              options.get("qformer_max_length") or self.qformer_max_length))
+            encoding.update(self._llm_text(texts, pil_images is not None, text_kwargs, max_length))
         if pil_images is not None:
             encoding["pixel_values"] = self._pixel_values(pil_images, return_tensors, images_kwargs)
         return BatchFeature(encoding, tensor_type=return_tensors)
-
-    @staticmethod
-    def _split_image_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(kwargs) - _IMAGE_KWARGS
-        if unknown:
-            raise TypeError(
-                f"Unknown keyword arguments {sorted(unknown)}. Text options: padding, truncation, max_length, "
-                "padding_side, add_special_tokens, qformer_max_length, return_tensors; image processor options: "
-                f"{sorted(_IMAGE_KWARGS)}."
-            )
-        return kwargs
 
     # --- outputs --------------------------------------------------------------------------------------
     def post_process_generation(
@@ -248,6 +250,17 @@ class HfInstructBlipProcessor(ProcessorMixin):
 
 
 InstructBlipProcessor = HfInstructBlipProcessor  # the drop-in name
+
+
+def _check_options(kwargs: dict[str, Any]) -> None:
+    """Refuse call options no part of the processor reads (transformers would drop them with a warning)."""
+    unknown = set(kwargs) - _CALL_OPTIONS - _MODALITY_GROUPS
+    if unknown:
+        raise TypeError(
+            f"Unknown keyword arguments {sorted(unknown)}. Text options: {sorted(TextKwargs.__annotations__)}, "
+            f"qformer_max_length; image processor options: {sorted(ImagesKwargs.__annotations__)}; or group them "
+            "as text_kwargs= / images_kwargs= / common_kwargs=."
+        )
 
 
 def _check_padding_side(side: str) -> str:

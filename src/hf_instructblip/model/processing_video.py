@@ -27,6 +27,7 @@ from .processing import (
     QFORMER_MAX_LENGTH,
     HfInstructBlipProcessor,
     _as_texts,
+    _check_options,
     prepend_image_placeholders,
 )
 
@@ -138,7 +139,8 @@ class HfInstructBlipVideoProcessor(HfInstructBlipProcessor):
                           return_tensors: str | None = "pt", **images_kwargs) -> Any:
         """Clips -> `pixel_values` `[B, T, 3, H, W]` (as the collator needs them)."""
         clips = self.load_clips(videos, num_frames, pad_frames)
-        pixels = self._clip_pixels(clips, self._split_image_kwargs(images_kwargs))
+        _check_options(images_kwargs)
+        pixels = self._clip_pixels(clips, images_kwargs)
         return BatchFeature({"pixel_values": pixels}, tensor_type=return_tensors)["pixel_values"]
 
     def _clip_pixels(self, clips: list[list[Image.Image]], images_kwargs: dict) -> np.ndarray:
@@ -172,7 +174,8 @@ class HfInstructBlipVideoProcessor(HfInstructBlipProcessor):
             encoding.update(text_only)
             for key, fill in (("input_ids", self.image_token_id), ("attention_mask", 1)):
                 encoding[key] = prepend_image_placeholders(encoding[key], fill, placeholders)  # [B, T*Q + L]
-        encoding["pixel_values"] = self._clip_pixels(clips, self._split_image_kwargs(frame_kwargs))
+        _check_options(frame_kwargs)
+        encoding["pixel_values"] = self._clip_pixels(clips, frame_kwargs)
         return BatchFeature(encoding, tensor_type=return_tensors)
 
 
