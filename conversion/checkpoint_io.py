@@ -1,7 +1,12 @@
 """Safe loading of conversion inputs: LAVIS `.pth` files, EVA ViT weights and Hugging Face LLM folders.
 
 `.pth` / `.bin` files go through `torch.load(weights_only=True)` only (a pickle that would run code is refused)
-and are memory-mapped when they use the zip format, so a 13B checkpoint is not read into RAM up front.
+and are memory-mapped when they use the zip format, so a 13B checkpoint is not read into RAM up front (its bytes
+are read when the conversion casts and saves the tensors).
+
+Progress (stderr, transformers' tqdm: `transformers.utils.logging.disable_progress_bar()` or
+`HF_HUB_DISABLE_PROGRESS_BARS=1` hides it): `.safetensors` files are read tensor by tensor under a bar, and an LLM
+folder file by file.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
+from transformers.utils.logging import tqdm
 
 LLM_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
@@ -72,14 +78,24 @@ def unwrap_state_dict(obj: object, what: str) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """A state dict from a `.safetensors` file or (safely) from a `.pth` / `.bin` checkpoint."""
+def load_safetensors_file(path: Path, progress: bool = True) -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file(path)`, tensor by tensor under a progress bar (same keys, order and values)."""
+    with safe_open(path, framework="pt") as handle:
+        # File order, as load_file reads them (safetensors < 0.5 has no offset_keys: its keys() order then).
+        keys = handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys()
+        return {key: handle.get_tensor(key)
+                for key in tqdm(keys, desc=f"reading {path.name}", unit="tensor", leave=False, disable=not progress)}
+
+
+def load_state_dict_file(path: str | Path, what: str, progress: bool = True) -> dict[str, torch.Tensor]:
+    """A state dict from a `.safetensors` file (read under a progress bar) or (safely, memory-mapped) from a `.pth`
+    / `.bin` checkpoint."""
     path = Path(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise ValueError(f"{what}: expected an existing file, found no file at {path}.")
         try:
-            return load_file(path)
+            return load_safetensors_file(path, progress)
         except Exception as err:  # safetensors raises its own error types
             raise ValueError(f"{what}: {path} is not a valid safetensors file: {err}") from None
     return unwrap_state_dict(load_torch_file(path, what), what)
@@ -105,7 +121,7 @@ def load_llm(llm: str, what: str = "--llm") -> tuple[dict[str, torch.Tensor], Pr
     else:
         raise ValueError(f"{what}: expected weight files ({' or '.join(LLM_WEIGHT_PATTERNS)}) in {folder}, found none.")
     state_dict: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in tqdm(files, desc=f"reading {folder.name}", unit="file"):
         part = load_state_dict_file(file, what)
         clashes = sorted(set(part) & set(state_dict))
         if clashes:

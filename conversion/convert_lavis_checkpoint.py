@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PretrainedConfig
+from transformers.utils.logging import tqdm  # honours transformers' disable_progress_bar()
 
 from checkpoint_io import load_llm, load_state_dict_file
 from flavours import FLAVOURS, is_vicuna, lavis_generation_config, model_config_kwargs, text_config_for

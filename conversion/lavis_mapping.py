@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # honours transformers' disable_progress_bar()
 
 # (LAVIS key pattern, HF key template). Patterns are anchored; the first match wins.
 RENAMES: tuple[tuple[str, str], ...] = (

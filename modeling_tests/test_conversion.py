@@ -481,3 +481,39 @@ def test_processor_with_a_mismatched_image_token_is_refused(case, tmp_path, caps
                    "--llm-tokenizer", tmp_path / "ltok") == 1
     assert "config.image_token_index is 319" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def progress_bars():
+    """Progress bars on for the test, the global switch restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    yield hf_logging
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+
+
+def test_weights_are_read_under_progress_bars_that_change_nothing(tmp_path, capsys, progress_bars):
+    from checkpoint_io import load_llm
+
+    folder = tmp_path / "llm"
+    tiny.text_config("llama").save_pretrained(folder)
+    shards = [{"b.weight": torch.arange(6.0).reshape(2, 3), "a.weight": torch.ones(2, dtype=torch.bfloat16)},
+              {"c.bias": torch.tensor([1, 2], dtype=torch.int64)}]
+    for i, shard in enumerate(shards, start=1):
+        save_file(shard, folder / f"model-0000{i}-of-00002.safetensors")
+    expected = load_file(folder / "model-00001-of-00002.safetensors")
+
+    loaded = load_state_dict_file(folder / "model-00001-of-00002.safetensors", "--vit")
+    assert "reading model-00001-of-00002.safetensors" in capsys.readouterr().err
+    state_dict, _ = load_llm(str(folder))
+    assert "reading llm" in capsys.readouterr().err  # the per-file bar of an LLM folder
+    progress_bars.disable_progress_bar()
+    quiet = load_state_dict_file(folder / "model-00001-of-00002.safetensors", "--vit")
+    assert capsys.readouterr().err == ""
+    for result in (loaded, quiet):
+        assert list(result) == list(expected)  # same keys in the same order
+        assert all(result[k].dtype == expected[k].dtype and torch.equal(result[k], expected[k]) for k in expected)
+    assert sorted(state_dict) == ["a.weight", "b.weight", "c.bias"] and torch.equal(state_dict["c.bias"],
+                                                                                    shards[1]["c.bias"])

@@ -63,7 +63,9 @@ def test_16_bit_and_float_pil_images_are_scaled_like_arrays(mode):
          r"`image` must hold values in \[0, 1\], found \[2, 2\]"),
         (Image.new("I", (4, 4), 70000), TypeError, r"32-bit integer PIL image \(mode 'I'\)"),
         (b"not an image", ValueError, r"cannot read an image"),
-        ({"bytes": None, "path": None}, TypeError, r"must be a PIL image, a numpy array"),
+        ({"bytes": None, "path": None}, ValueError,
+         r"`image` is an image dict without an image: expected non-empty 'bytes' or a 'path' .*found "
+         r"\{'bytes': NoneType, 'path': NoneType\}"),
     ],
     ids=["nan-array", "inf-array", "float-pil-out-of-range", "int32-pil", "corrupt-bytes", "empty-dict"],
 )

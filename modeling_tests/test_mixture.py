@@ -160,3 +160,28 @@ def test_unreadable_image_files_name_the_source_and_row(tmp_path):
                               image_root=tmp_path)
     with pytest.raises(ValueError, match=r"`src\[0\] image`: cannot read an image"):
         data[0]
+
+
+def test_reading_and_checking_show_progress_that_changes_nothing(sources, capsys):
+    from transformers.utils import logging as hf_logging
+
+    sources, _ = sources
+    path = sources[1].data
+    enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        quiet = read_json_lines(path, progress=False)
+        assert capsys.readouterr().err == ""
+        assert read_json_lines(path) == quiet
+        assert "reading vqa.jsonl" in capsys.readouterr().err
+        shown = build_instruction_mixture(sources, seed=1)
+        captured = capsys.readouterr()
+        assert all(f"{what}" in captured.err for what in ("reading vqa.jsonl", "checking captions", "checking vqa"))
+        assert captured.out == ""  # progress goes to stderr only
+        hf_logging.disable_progress_bar()
+        hidden = build_instruction_mixture(sources, seed=1)
+        assert read_json_lines(path) == quiet and capsys.readouterr().err == ""
+    finally:
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    assert [shown.dataset[k]["instruction"] for k in range(6)] == [hidden.dataset[k]["instruction"] for k in range(6)]
+    assert list(shown.sampler) == list(hidden.sampler)

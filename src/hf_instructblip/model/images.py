@@ -79,28 +79,55 @@ def _array_to_pil(array: np.ndarray, channels_first: bool, where: str) -> Image.
     return _rgb(Image.fromarray(pixels[:, :, 0] if mode == "L" else np.ascontiguousarray(pixels), mode=mode), where)
 
 
-def _open(source: Any, where: str) -> Image.Image:
-    """Read an image file (path or file object) now, so no file handle outlives the call."""
+def _open(source: Any, where: str, what: str | None = None) -> Image.Image:
+    """Read an image file (path or file object) now, so no file handle outlives the call; `what` names the
+    source in errors (default its repr)."""
     try:
         with Image.open(source) as opened:
             return opened.copy()  # loaded, and independent of the file
     except (OSError, SyntaxError) as error:  # PIL raises UnidentifiedImageError (an OSError) for non-images
-        raise ValueError(f"`{where}`: cannot read an image from {source!r} ({error}).") from None
+        described = repr(source) if what is None else what
+        raise ValueError(f"`{where}`: cannot read an image from {described} (expected an image file's bytes: "
+                         f"{error}).") from None
+
+
+def _undecoded_source(image: Mapping, where: str) -> bytes | str | os.PathLike:
+    """What a `datasets.Image(decode=False)` row holds: its bytes when embedded, else its path (bytes may be None
+    or empty, as in rows of local image files)."""
+    data, path = image.get("bytes"), image.get("path")
+    if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"`{where}` is a {{'bytes', 'path'}} image dict whose 'bytes' must be bytes or None, "
+                        f"found {type(data).__name__}.")
+    if data:
+        return bytes(data)
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`{where}` is a {{'bytes', 'path'}} image dict whose 'path' must be a str or None, "
+                        f"found {type(path).__name__}.")
+    if path:
+        return path
+    raise ValueError(f"`{where}` is an image dict without an image: expected non-empty 'bytes' or a 'path' "
+                     f"(a `datasets.Image(decode=False)` row), found {_describe_dict(image)}.")
+
+
+def _describe_dict(image: Mapping) -> str:
+    """Keys and value types of a dict, for error messages (never its bytes)."""
+    return "{" + ", ".join(f"{key!r}: {type(value).__name__}" for key, value in image.items()) + "}"
 
 
 def load_image(image: Any, root: str | os.PathLike | None = None, where: str = "image") -> Image.Image:
     """One image in any accepted form -> a non-empty RGB PIL image.
 
+    A `{"bytes", "path"}` dict (a `datasets.Image(decode=False)` row) is read from its bytes when it has any, else
+    from its path (relative to `root`).
+
     Example:
         >>> load_image(np.zeros((8, 8, 3), dtype=np.uint8)).size
         (8, 8)
     """
-    if isinstance(image, Mapping) and (image.get("bytes") or image.get("path")):
-        # `datasets.Image(decode=False)` rows: bytes when embedded, else a path.
-        source = image["bytes"] if image.get("bytes") else image["path"]
-        return load_image(source, root, where)
+    if isinstance(image, Mapping):
+        image = _undecoded_source(image, where)
     if isinstance(image, (bytes, bytearray)):
-        pil = _open(io.BytesIO(image), where)
+        pil = _open(io.BytesIO(image), where, f"{len(image)} bytes")
     elif isinstance(image, (str, os.PathLike)):
         path = Path(root, image) if root is not None else Path(image)
         if not path.is_file():
@@ -113,7 +140,7 @@ def load_image(image: Any, root: str | os.PathLike | None = None, where: str = "
     elif isinstance(image, np.ndarray):
         pil = _array_to_pil(image, channels_first=False, where=where)
     else:
-        raise TypeError(f"`{where}` must be a PIL image, a numpy array, a torch tensor, a file path or a "
+        raise TypeError(f"`{where}` must be a PIL image, a numpy array, a torch tensor, a file path, bytes or a "
                         f"{{'bytes', 'path'}} dict, found {type(image).__name__}.")
     if pil.width == 0 or pil.height == 0:
         raise ValueError(f"`{where}` is empty: found a {pil.width}x{pil.height} image.")
