@@ -11,6 +11,10 @@ training semantics), built from token ids, never by re-splitting rendered string
 - Q-Former: the instruction with its tokenizer's specials, left-truncated to `qformer_max_length`.
 - video records carry `video` (a clip: a list of frames, see `InstructBlipVideoProcessor`) instead of `image`; the
   layout is the same with T x Q placeholders (T frames per clip) and `pixel_values` `[B, T, 3, H, W]`.
+- `prompt_only=True` (evaluation with `generate`): the prompt as generation reads it and the processor writes it,
+  with no answer in the inputs: decoder-only `[image x Q][pad][bos][prompt]` (the text left padded behind the
+  placeholders, as LAVIS and `InstructBlipProcessor` lay out batched prompts), T5 unchanged; labels `[answer][eos]`
+  right padded with -100 on both paths, so they decode to the references.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from ..model.processing import pad_right, prepend_image_placeholders
 IGNORE_INDEX = -100  # label value the loss skips
 
 
-def _check_records(records: Sequence[Any]) -> None:
-    """Validate the required fields of every record."""
+def _check_records(records: Sequence[Any], answer_required: bool = True) -> None:
+    """Validate the required fields of every record (`answer` may be absent when not `answer_required`)."""
     if len(records) == 0:
         raise ValueError("The collator received an empty batch (0 records).")
     for index, record in enumerate(records):
@@ -36,17 +40,18 @@ def _check_records(records: Sequence[Any]) -> None:
             raise TypeError(f"record {index}: expected a mapping with 'image', 'instruction', 'answer', "
                             f"found {type(record).__name__}.")
         visual = _visual_field(record)
-        for field in (visual, "instruction", "answer"):
+        required = (visual, "instruction", "answer") if answer_required else (visual, "instruction")
+        for field in required:
             if field not in record:
                 raise ValueError(f"record {index}: field '{field}' is missing (keys found: {sorted(record)}).")
         if record[visual] is None:
             raise ValueError(f"record {index}: field '{visual}' is None; expected "
                              f"{'an image' if visual == 'image' else 'a clip (a list of frames)'}.")
         for field in ("instruction", "answer"):
-            if not isinstance(record[field], str):
+            if field in required and not isinstance(record[field], str):
                 raise TypeError(f"record {index}: field '{field}' must be a str, "
                                 f"found {type(record[field]).__name__}.")
-        if not record["answer"].strip():
+        if isinstance(record.get("answer"), str) and not record["answer"].strip():
             raise ValueError(f"record {index}: field 'answer' is empty; there is nothing to learn but the end of "
                              "the sequence. Drop the record or give it an answer.")
 
@@ -72,6 +77,12 @@ def _optional_field(records: Sequence[Mapping], field: str, kind: type, kind_nam
     return [record[field] for record in records]
 
 
+def _pad_left(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id rows with `value` to the longest: `(ids [B, L], mask [B, L])`."""
+    ids, mask = pad_right([row[::-1] for row in rows], value)
+    return ids.flip(1), mask.flip(1)
+
+
 def _tokenizer_adds_bos(tokenizer: Any) -> bool:
     """Whether encoding with special tokens starts with bos (Llama-style) or not (GPT-2 style, T5)."""
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -92,6 +103,13 @@ class InstructBlipDataCollator:
         train_on_prompt: also learn the prompt tokens (decoder-only LLMs only).
         add_bos: prepend bos to the decoder-only prompt; None -> when the tokenizer adds one itself, so training
             sees the prompt exactly as the processor writes it at inference.
+        prompt_only: evaluation with `generate` (`predict_with_generate`): `input_ids` hold the prompt alone, laid
+            out as generation reads it (decoder-only: `[image x Q][pad][bos][prompt]`, the text left padded behind
+            the placeholders, as `InstructBlipProcessor` writes batched prompts; T5: the training layout), and
+            `labels` hold the reference `[answer][eos]` `[B, L_answer]`, right padded with -100 (`EvalPrediction.
+            label_ids` decode to the references). `answer` may then be absent from every record (no `labels`).
+            `InstructBlipTrainer` builds this collator itself from the training one when `predict_with_generate`
+            is set, and takes the evaluation loss on `training_layout(batch)`.
 
     Returns the model's tensors with `labels`, plus `dataset` names and `image_ids` `[B]` when the records carry
     them (`InstructBlipTrainer` logs per-dataset losses and looks the ids up in its vision feature cache).
@@ -100,6 +118,8 @@ class InstructBlipDataCollator:
         >>> collator = InstructBlipDataCollator(processor, decoder_only=model.config.use_decoder_only_language_model)
         >>> batch = collator([{"image": image, "instruction": "What is shown?", "answer": "a dog"}])
         >>> model(**batch).loss
+        >>> prompts = InstructBlipDataCollator(processor, decoder_only=True, prompt_only=True)(records)
+        >>> answers = model.generate(**{k: v for k, v in prompts.items() if k != "labels"}, max_new_tokens=10)
     """
 
     processor: Any
@@ -109,6 +129,7 @@ class InstructBlipDataCollator:
     qformer_max_length: int = 128
     train_on_prompt: bool = False
     add_bos: bool | None = None
+    prompt_only: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tokenizer", "qformer_tokenizer", "num_query_tokens", "image_token_id", "qformer_text",
@@ -116,8 +137,9 @@ class InstructBlipDataCollator:
             if getattr(self.processor, name, None) is None:
                 raise TypeError(f"`processor` must provide `{name}` (an InstructBlipProcessor does); "
                                 f"found {type(self.processor).__name__} without it.")
-        if not isinstance(self.decoder_only, bool):
-            raise TypeError(f"`decoder_only` must be a bool, found {type(self.decoder_only).__name__}.")
+        for name in ("decoder_only", "prompt_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be a bool, found {type(getattr(self, name)).__name__}.")
         for name, minimum in (("max_input_length", 1), ("max_output_length", 1), ("qformer_max_length", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < minimum:
@@ -125,6 +147,9 @@ class InstructBlipDataCollator:
         if self.train_on_prompt and not self.decoder_only:
             raise ValueError("`train_on_prompt=True` needs a decoder-only LLM: an encoder-decoder LLM reads the "
                              "prompt in its encoder, where there is nothing to predict.")
+        if self.train_on_prompt and self.prompt_only:
+            raise ValueError("`train_on_prompt=True` and `prompt_only=True` exclude each other: a prompt-only batch "
+                             "labels the answer alone (the reference for generation metrics).")
         tokenizer = self.processor.tokenizer
         for name in ("eos_token_id", "pad_token_id"):
             if getattr(tokenizer, name) is None:
@@ -181,6 +206,43 @@ class InstructBlipDataCollator:
     def _with_image(self, row: list[int], tokens: int) -> list[int]:
         return prepend_image_placeholders([row], self.processor.image_token_id, tokens)[0]
 
+    def _generation_prompts(self, records: Sequence[Mapping], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt-only `(input_ids, attention_mask)` `[B, L]`: decoder-only `[image x tokens][pad][bos][prompt]`,
+        encoder-decoder `[image x tokens][prompt][eos][pad]` (its training layout)."""
+        pad = self.processor.tokenizer.pad_token_id
+        rows = [self._prompt_ids(record["instruction"], i) for i, record in enumerate(records)]
+        if not self.decoder_only:
+            return pad_right([self._with_image(prompt + eos, tokens) for eos, prompt in rows], pad)
+        # Placeholders go in front of the left padding, as the processor (and LAVIS) lay batched prompts out: the
+        # image keeps positions 0..tokens-1 and each prompt ends at the last column, where generation continues.
+        ids, mask = _pad_left([bos + prompt for bos, prompt in rows], pad)  # [B, L_text]
+        ids = prepend_image_placeholders(ids.tolist(), self.processor.image_token_id, tokens)
+        mask = prepend_image_placeholders(mask.tolist(), 1, tokens)
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)  # [B, tokens + L_text]
+
+    def training_layout(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """A labelled prompt-only batch in the training layout, for the evaluation loss: decoder-only
+        `[image x Q][bos][prompt][answer eos][pad]` with labels on `answer eos` (exactly what this collator gives
+        without `prompt_only`); encoder-decoder batches are the same in both layouts and come back unchanged.
+
+        Example:
+            >>> loss = model(**collator.training_layout(prompt_only_batch)).loss
+        """
+        if not self.prompt_only:
+            raise ValueError("`training_layout` converts prompt-only batches, but this collator was built with "
+                             "prompt_only=False: its batches are in the training layout already.")
+        if "labels" not in batch:
+            raise ValueError("`batch` has no `labels`: a prompt-only batch without answers has no training layout.")
+        if not self.decoder_only:
+            return dict(batch)
+        device = batch["input_ids"].device
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        answers = [labels[labels != IGNORE_INDEX].tolist() for labels in batch["labels"]]
+        input_ids, attention_mask = pad_right([p + a for p, a in zip(prompts, answers)],
+                                              self.processor.tokenizer.pad_token_id, device)  # [B, L], right
+        labels, _ = pad_right([[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)], IGNORE_INDEX, device)
+        return {**batch, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
     def _pixel_values(self, records: Sequence[Mapping]) -> tuple[torch.Tensor, int]:
         """`(pixel_values, visual tokens per example)`: `[B, 3, H, W]` and Q for image records; `[B, T, 3, H, W]`
         and T * Q for video records (T frames per clip)."""
@@ -197,12 +259,16 @@ class InstructBlipDataCollator:
 
     # --- batch ----------------------------------------------------------------------------------------------
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        _check_records(records)
+        _check_records(records, answer_required=not self.prompt_only)
         pixel_values, tokens = self._pixel_values(records)
-        rows = self._decoder_only_rows if self.decoder_only else self._encoder_decoder_rows
-        inputs, labels = zip(*(rows(record, i, tokens) for i, record in enumerate(records)))
-        input_ids, attention_mask = pad_right(list(inputs), self.processor.tokenizer.pad_token_id)  # [B, L], right
-        label_ids, _ = pad_right(list(labels), IGNORE_INDEX)  # [B, L] (T5: [B, L_answer])
+        if self.prompt_only:
+            input_ids, attention_mask = self._generation_prompts(records, tokens)  # [B, L]
+            answers = _optional_field(records, "answer", str, "a str")  # None: nothing to score against
+            labels = None if answers is None else [self._answer_ids(a, i) for i, a in enumerate(answers)]
+        else:
+            rows = self._decoder_only_rows if self.decoder_only else self._encoder_decoder_rows
+            inputs, labels = zip(*(rows(record, i, tokens) for i, record in enumerate(records)))
+            input_ids, attention_mask = pad_right(list(inputs), self.processor.tokenizer.pad_token_id)  # [B, L], right
         qformer = self.processor.qformer_text([record["instruction"] for record in records],
                                               max_length=self.qformer_max_length)  # left truncated, right padded
         batch = {
@@ -211,8 +277,9 @@ class InstructBlipDataCollator:
             "qformer_attention_mask": torch.tensor(qformer["qformer_attention_mask"]),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "labels": label_ids,
         }
+        if labels is not None:
+            batch["labels"] = pad_right(list(labels), IGNORE_INDEX)[0]  # [B, L] (T5, prompt-only: [B, L_answer])
         names = _optional_field(records, "dataset", str, "a str")
         image_ids = _optional_field(records, "image_id", numbers.Integral, "an int")
         if names is not None:

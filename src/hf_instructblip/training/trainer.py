@@ -10,19 +10,31 @@ What it changes, and why:
 - PEFT runs also save `instructblip_trainable.safetensors` next to the adapter: the Q-Former is not part of it.
 - under FSDP2 and ZeRO-3 the trained weights are gathered from their shards before they are written; resuming under
   FSDP reads the FSDP checkpoint `Trainer` writes (it holds every weight).
+- evaluation with generation (`Seq2SeqTrainingArguments(predict_with_generate=True)`, as `Seq2SeqTrainer` reads
+  it): evaluation batches hold the prompt alone (the training collator would put the answer in the inputs and
+  `generate` would continue after it), `compute_metrics` gets the new tokens only (decoder-only `generate` echoes
+  the prompt), and the evaluation loss is still taken on the training layout. `generation_metrics` builds a
+  `compute_metrics` from the package's VQA accuracy, exact match and CIDEr-D.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import os
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import gather_object
-from torch.utils.data import Sampler
-from transformers import Trainer
+from torch.utils.data import DataLoader, Dataset, Sampler
+from transformers import EvalPrediction, GenerationConfig, Seq2SeqTrainer, Trainer
+from transformers.distributed.fsdp import is_fsdp_managed_module
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import PredictionOutput
 from transformers.utils import (
     ADAPTER_SAFE_WEIGHTS_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -32,6 +44,7 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
+from ..evaluate.metrics import cider_d, exact_match_accuracy, vqa_accuracy
 from ..model.loss import target_labels
 from .collator import IGNORE_INDEX, InstructBlipDataCollator
 from .freezing import (
@@ -57,6 +70,15 @@ class InstructBlipTrainer(Trainer):
             vocab]` logits (less memory, same loss); evaluation forwards keep theirs for `compute_metrics`.
         vision_feature_cache: look batches' `image_ids` up in this cache and hand the model `image_embeds`
             (frozen vision encoder only). Without it, `image_ids` are dropped.
+        eval_data_collator: collator of `evaluate` / `predict` batches (None: `data_collator`; with
+            `predict_with_generate`, an `InstructBlipDataCollator` given as `data_collator` is copied with
+            `prompt_only=True`). With `predict_with_generate` an `InstructBlipDataCollator` here must be prompt-only.
+
+    With `Seq2SeqTrainingArguments(predict_with_generate=True)`, evaluation and prediction generate: predictions are
+    the generated token ids `[N, new tokens]` (no prompt echo; -100 pads batches to one width), `label_ids` the
+    reference `[answer][eos]` ids; `generation_config`, `generation_max_length` and `generation_num_beams` of the
+    arguments and keyword arguments of `evaluate` / `predict` go to `generate`, as with `Seq2SeqTrainer` (which
+    does not run this model: it pads predictions from a top-level `pad_token_id` and keeps the prompt echo).
 
     Example:
         >>> freeze_for_instruction_tuning(model)
@@ -64,11 +86,16 @@ class InstructBlipTrainer(Trainer):
         >>> trainer = InstructBlipTrainer(model=model, args=TrainingArguments("out"), train_dataset=records,
         ...                               data_collator=collator)
         >>> trainer.train()
+        >>> args = Seq2SeqTrainingArguments("out", predict_with_generate=True, eval_strategy="steps", eval_steps=500,
+        ...                                 generation_config=GenerationConfig(max_new_tokens=10, num_beams=5))
+        >>> trainer = InstructBlipTrainer(model=model, args=args, train_dataset=records, eval_dataset=eval_records,
+        ...                               data_collator=collator, compute_metrics=generation_metrics(processor))
+        >>> trainer.train()  # logs eval_loss and eval_exact_match every 500 steps
     """
 
     def __init__(self, *args: Any, train_sampler: Sampler | None = None, save_trainable_only: bool = False,
                  fused_head_loss: bool = True, vision_feature_cache: VisionFeatureCache | None = None,
-                 **kwargs: Any) -> None:
+                 eval_data_collator: Callable | None = None, **kwargs: Any) -> None:
         if train_sampler is not None and not isinstance(train_sampler, Sampler):
             raise TypeError(f"`train_sampler` must be a torch.utils.data.Sampler or None, "
                             f"found {type(train_sampler).__name__}.")
@@ -78,6 +105,9 @@ class InstructBlipTrainer(Trainer):
         if vision_feature_cache is not None and not isinstance(vision_feature_cache, VisionFeatureCache):
             raise TypeError(f"`vision_feature_cache` must be a VisionFeatureCache or None, "
                             f"found {type(vision_feature_cache).__name__}.")
+        if eval_data_collator is not None and not callable(eval_data_collator):
+            raise TypeError(f"`eval_data_collator` must be a callable (records -> batch) or None, "
+                            f"found {type(eval_data_collator).__name__}.")
         self.train_sampler = train_sampler
         self.save_trainable_only = save_trainable_only
         self.fused_head_loss = fused_head_loss
@@ -90,9 +120,32 @@ class InstructBlipTrainer(Trainer):
         self.args.remove_unused_columns = False  # the collator needs the raw record fields
         self._add_sampler_epoch_callback()
         self._check_fsdp()
+        self.eval_data_collator = self._evaluation_collator(eval_data_collator)
         config = instructblip_base(self.model).config
         self._check_collator(config)
         self._shift = config.use_decoder_only_language_model  # decoder-only labels are read shifted by one
+        generation_config = getattr(self.args, "generation_config", None)  # Seq2SeqTrainingArguments only
+        self._generation_config: GenerationConfig | None = (
+            None if generation_config is None else Seq2SeqTrainer.load_generation_config(generation_config))
+        self._gen_kwargs: dict[str, Any] = {}  # of the running evaluate / predict call
+
+    @property
+    def _predict_with_generate(self) -> bool:
+        return bool(getattr(self.args, "predict_with_generate", False))  # Seq2SeqTrainingArguments only
+
+    def _evaluation_collator(self, collator: Callable | None) -> Callable:
+        """The collator of evaluation / prediction batches; generation needs prompt-only batches."""
+        wrong = isinstance(collator, InstructBlipDataCollator) and not collator.prompt_only
+        if self._predict_with_generate and wrong:
+            raise ValueError("`eval_data_collator` lays out training sequences (prompt + answer), so `generate` would "
+                             "continue after the answer; with predict_with_generate=True pass one built with "
+                             "prompt_only=True, or leave it None to derive it from `data_collator`.")
+        if collator is not None:
+            return collator
+        training = self.data_collator
+        if self._predict_with_generate and isinstance(training, InstructBlipDataCollator) and not training.prompt_only:
+            return dataclasses.replace(training, prompt_only=True, train_on_prompt=False)
+        return training
 
     def _add_sampler_epoch_callback(self) -> None:
         """Drive `train_sampler.set_epoch` from `Trainer`'s state (see `SamplerEpochCallback`), unless the caller
@@ -122,23 +175,72 @@ class InstructBlipTrainer(Trainer):
 
     def _check_collator(self, config) -> None:
         """Catch a collator built for another LLM kind or image token before the first step does."""
-        collator = self.data_collator
-        if not isinstance(collator, InstructBlipDataCollator):
-            return
-        decoder_only = config.use_decoder_only_language_model
-        if collator.decoder_only != decoder_only:
-            kind = "decoder-only" if decoder_only else "encoder-decoder"
-            raise ValueError(f"`data_collator` was built with decoder_only={collator.decoder_only}, but the model's "
-                             f"LLM is {kind}; pass decoder_only=model.config.use_decoder_only_language_model.")
-        if collator.processor.image_token_id != config.image_token_index:
-            raise ValueError(f"`data_collator` places image token id {collator.processor.image_token_id}, but "
-                             f"model.config.image_token_index is {config.image_token_index}; they must match.")
+        for name, collator in (("data_collator", self.data_collator), ("eval_data_collator", self.eval_data_collator)):
+            if not isinstance(collator, InstructBlipDataCollator):
+                continue
+            decoder_only = config.use_decoder_only_language_model
+            if collator.decoder_only != decoder_only:
+                kind = "decoder-only" if decoder_only else "encoder-decoder"
+                raise ValueError(f"`{name}` was built with decoder_only={collator.decoder_only}, but the model's "
+                                 f"LLM is {kind}; pass decoder_only=model.config.use_decoder_only_language_model.")
+            if collator.processor.image_token_id != config.image_token_index:
+                raise ValueError(f"`{name}` places image token id {collator.processor.image_token_id}, but "
+                                 f"model.config.image_token_index is {config.image_token_index}; they must match.")
 
     # --- data ---------------------------------------------------------------------------------------------
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Sampler | None:
         if self.train_sampler is not None:
             return self.train_sampler
         return super()._get_train_sampler(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _collating_with(self, collator: Callable) -> Iterator[None]:
+        """`Trainer` builds every DataLoader from `self.data_collator`; evaluation ones take `eval_data_collator`."""
+        training, self.data_collator = self.data_collator, collator
+        try:
+            yield
+        finally:
+            self.data_collator = training
+
+    def get_eval_dataloader(self, eval_dataset: str | Dataset | None = None) -> DataLoader:
+        with self._collating_with(self.eval_data_collator):
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset: Dataset) -> DataLoader:
+        with self._collating_with(self.eval_data_collator):
+            return super().get_test_dataloader(test_dataset)
+
+    # --- evaluation with generation -------------------------------------------------------------------------
+    def evaluate(self, eval_dataset: Dataset | dict[str, Dataset] | None = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval", **gen_kwargs: Any) -> dict[str, float]:
+        """`Trainer.evaluate`; with `predict_with_generate`, keyword arguments go to `generate`
+        (e.g. `max_new_tokens=10, num_beams=5`)."""
+        self._gen_kwargs = self._generation_kwargs(gen_kwargs)
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def predict(self, test_dataset: Dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test",
+                **gen_kwargs: Any) -> PredictionOutput:
+        """`Trainer.predict`; with `predict_with_generate`, keyword arguments go to `generate` and `predictions`
+        are the generated ids without the prompt (`processor.tokenizer.batch_decode` them, -100 -> pad)."""
+        self._gen_kwargs = self._generation_kwargs(gen_kwargs)
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def _generation_kwargs(self, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Call-time `generate` arguments over the `Seq2SeqTrainingArguments` ones, as `Seq2SeqTrainer` merges them."""
+        if gen_kwargs and not self._predict_with_generate:
+            raise TypeError(f"Generation arguments {sorted(gen_kwargs)} were passed, but predict_with_generate is "
+                            f"off (found {type(self.args).__name__}); use Seq2SeqTrainingArguments("
+                            "predict_with_generate=True).")
+        kwargs = dict(gen_kwargs)
+        max_length = getattr(self.args, "generation_max_length", None)
+        if max_length is not None and kwargs.get("max_length") is None and kwargs.get("max_new_tokens") is None:
+            kwargs["max_length"] = max_length  # counts the prompt too for decoder-only LLMs, as in transformers
+        num_beams = getattr(self.args, "generation_num_beams", None)
+        if num_beams is not None and kwargs.get("num_beams") is None:
+            kwargs["num_beams"] = num_beams
+        if self._generation_config is not None:
+            kwargs.setdefault("generation_config", self._generation_config)
+        return kwargs
 
     # --- loss + per-dataset statistics ----------------------------------------------------------------
     def compute_loss(
@@ -159,10 +261,31 @@ class InstructBlipTrainer(Trainer):
         self._record(names, outputs.token_losses, labels)
         return (loss, outputs) if return_outputs else loss
 
-    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
-        """`Trainer.prediction_step` without the `dataset` names (the model does not take them)."""
+    def prediction_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, Any, torch.Tensor | None]:
+        """`Trainer.prediction_step` without the `dataset` names (the model does not take them). Prompt-only
+        batches take their loss on the training layout; with `predict_with_generate` the predictions are the
+        generated ids `[B, N]` without the prompt."""
+        inputs = self._prepare_inputs(inputs)
         inputs = {k: v for k, v in self._model_inputs(model, inputs).items() if k != "dataset"}
-        return super().prediction_step(model, inputs, *args, **kwargs)
+        loss_inputs = inputs
+        collator = self.eval_data_collator
+        if isinstance(collator, InstructBlipDataCollator) and collator.prompt_only and "labels" in inputs:
+            loss_inputs = collator.training_layout(inputs)  # decoder-only: prompt + answer, labels on the answer
+        if not self._predict_with_generate or prediction_loss_only:
+            return super().prediction_step(model, loss_inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        loss = None
+        if "labels" in inputs:
+            loss = super().prediction_step(model, loss_inputs, True, ignore_keys=ignore_keys)[0]
+        generation_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        # Every process must step together while sharded weights are gathered (as `Seq2SeqTrainer` decides it).
+        synced_gpus = is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self.model)
+        generated = self.model.generate(**generation_inputs, **{"synced_gpus": synced_gpus, **self._gen_kwargs})
+        if self._shift:  # decoder-only `generate` returns [B, L_prompt + N]: the prompt, then the new tokens
+            generated = generated[:, generation_inputs["input_ids"].shape[1]:]
+        return loss, generated, inputs.get("labels")  # [B, N], [B, L_answer]
 
     def _model_inputs(self, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         """`image_ids` -> cached `image_embeds` with a cache; dropped without one (the model does not take them)."""
@@ -252,3 +375,76 @@ class InstructBlipTrainer(Trainer):
         if not best or not os.path.isfile(os.path.join(best, TRAINABLE_WEIGHTS_NAME)):
             return super()._load_best_model()
         self._load_from_checkpoint(best)
+
+
+# --- compute_metrics for evaluation with generation ------------------------------------------------------------
+GENERATION_METRICS = ("exact_match", "vqa_accuracy", "cider")
+
+
+def generation_metrics(
+    processor: Any, metric: str = "exact_match", references: Sequence | None = None,
+) -> Callable[[EvalPrediction], dict[str, float]]:
+    """A `compute_metrics` for `predict_with_generate` evaluation: decodes the generated answers and scores them
+    with the package's metrics.
+
+    Args:
+        processor: an `InstructBlipProcessor` (or the LLM tokenizer) to decode ids with.
+        metric: "exact_match" (`exact_match_accuracy`, VQA-normalised, one reference per example), "vqa_accuracy"
+            (`vqa_accuracy` against the human answers, usually 10) or "cider" (`cider_d`, captioning).
+        references: the evaluation set's references in its order (evaluation keeps the dataset order): a str per
+            example for "exact_match", a list of str per example otherwise. None: the decoded `label_ids`, i.e.
+            each record's `answer` (not for "vqa_accuracy", whose score needs the human answers: one reference
+            caps it at 1/3).
+
+    Returns a function `EvalPrediction -> {metric: value}`; `Trainer` logs it as `eval_<metric>`.
+
+    Example:
+        >>> answers = [record["answers"] for record in eval_records]  # 10 human answers each
+        >>> trainer = InstructBlipTrainer(..., compute_metrics=generation_metrics(processor, "vqa_accuracy", answers))
+        >>> trainer.evaluate(max_new_tokens=10)["eval_vqa_accuracy"]
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if not callable(getattr(tokenizer, "batch_decode", None)):
+        raise TypeError(f"`processor` must be an InstructBlipProcessor or a tokenizer (with `batch_decode`), "
+                        f"found {type(processor).__name__}.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("The tokenizer has neither a pad nor an eos token to decode padding (-100) with; set one.")
+    if metric not in GENERATION_METRICS:
+        raise ValueError(f"`metric` must be one of {GENERATION_METRICS}, found {metric!r}.")
+    if references is not None:
+        references = list(references)
+        for i, refs in enumerate(references):
+            valid = isinstance(refs, str) if metric == "exact_match" else (
+                isinstance(refs, Sequence) and not isinstance(refs, str) and all(isinstance(r, str) for r in refs))
+            if not valid:
+                expected = "a str" if metric == "exact_match" else "a list of str"
+                raise TypeError(f"`references[{i}]` must be {expected} for metric={metric!r}, found {refs!r}.")
+    elif metric == "vqa_accuracy":
+        raise ValueError("metric='vqa_accuracy' scores an answer against the human answers (usually 10); pass them "
+                         "as `references` (one list per example), or use metric='exact_match' for one reference.")
+
+    def decode(ids: Any, name: str) -> list[str]:
+        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            found = f"array {ids.dtype} {list(ids.shape)}" if isinstance(ids, np.ndarray) else type(ids).__name__
+            raise ValueError(f"`{name}` must be token ids [examples, tokens] (set predict_with_generate=True in "
+                             f"Seq2SeqTrainingArguments), found {found}.")
+        ids = np.where(ids < 0, pad, ids)  # -100: the evaluation loop's / the collator's padding
+        return [text.strip() for text in tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
+
+    def compute_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
+        predictions = decode(eval_prediction.predictions, "predictions")
+        refs = references
+        if refs is None:
+            if eval_prediction.label_ids is None:
+                raise ValueError("The evaluation batches carry no labels: give the records an `answer`, or pass "
+                                 "`references` to generation_metrics.")
+            refs = decode(eval_prediction.label_ids, "label_ids")
+            refs = refs if metric == "exact_match" else [[ref] for ref in refs]
+        if metric == "exact_match":
+            return {metric: exact_match_accuracy(predictions, refs)}
+        if metric == "vqa_accuracy":
+            return {metric: vqa_accuracy(predictions, refs)}
+        return {metric: cider_d(predictions, refs).score}
+
+    return compute_metrics
