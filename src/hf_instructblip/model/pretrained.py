@@ -23,7 +23,11 @@ class InstructBlipPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["EvaEncoderLayer", "QFormerLayer", "QFormerEmbeddings"]
 
     _can_compile_fullgraph = True  # value checks step aside under tracing (inputs.reads_values)
-    _keep_in_fp32_modules = ["query_tokens"]  # as transformers: loading in fp16 / bf16 keeps the queries in fp32
+    # The parts instruction tuning trains. transformers' quantizers (bitsandbytes, torchao, optimum-quanto, ...) never
+    # convert these modules, so a quantized model still trains them; loading in fp16 keeps them in fp32 (as BLIP-2 and
+    # LAVIS run the Q-Former), so their updates are not lost to fp16 rounding. The frozen vision encoder and LLM may
+    # be quantized; `llm_int8_skip_modules` / `modules_to_not_convert` keep more parts out.
+    _keep_in_fp32_modules = ["query_tokens", "qformer", "language_projection"]
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:

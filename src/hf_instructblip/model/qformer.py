@@ -200,6 +200,8 @@ class InstructBlipQFormerModel(InstructBlipPreTrainedModel):
             output_attentions = self.config.output_attentions
         num_queries = 0 if query_embeds is None else query_embeds.shape[1]
         hidden_states = self.embeddings(input_ids, query_embeds)  # [B, Q + T, D]
+        if encoder_hidden_states is not None:  # fp16 image features into a Q-Former kept in fp32 (fp16 loading)
+            encoder_hidden_states = encoder_hidden_states.to(hidden_states.dtype)
         mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
         )

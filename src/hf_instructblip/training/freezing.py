@@ -6,6 +6,10 @@ trains `ln_vision` (our `vision_model.post_layernorm`): opt in with `train_post_
 
 PEFT adapters are left as PEFT set them: `peft_model = get_peft_model(model, lora_config)`, then
 `freeze_for_instruction_tuning(peft_model)` (in that order: `get_peft_model` freezes every non-adapter weight).
+
+Quantized models (`from_pretrained(..., quantization_config=...)`: bitsandbytes, torchao, optimum-quanto) freeze the
+same way: the model class keeps the trained parts out of quantization (`_keep_in_fp32_modules`), and quantized
+weights, which cannot train, are only ever frozen; a trained part that holds some is refused.
 """
 
 from __future__ import annotations
@@ -52,6 +56,37 @@ def adapter_parameter_names(model: nn.Module) -> set[str]:
             names.update(f"{prefix}.{name}" for name, _ in module.named_parameters()
                          if not name.startswith("base_layer."))
     return names
+
+
+def is_quantized(param: torch.Tensor) -> bool:
+    """Whether `param` holds quantized weights: integer storage (bitsandbytes' `Int8Params` / `Params4bit`) or a
+    tensor subclass that reports a float dtype over quantized data (optimum-quanto, torchao)."""
+    if not param.is_floating_point():
+        return True
+    data = param.data
+    return type(data) is not torch.Tensor and not isinstance(data, DTensor)  # FSDP2 shards are plain weights
+
+
+def quantized_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of `model` that hold quantized weights (see `is_quantized`)."""
+    return {name for name, param in model.named_parameters() if is_quantized(param)}
+
+
+def _refuse_quantized(base: nn.Module, parts: list[str]) -> None:
+    """Raise if a part that is about to train holds quantized weights (they cannot require gradients)."""
+    found = sorted(name for name in quantized_parameter_names(base)
+                   if any(name == part or name.startswith(f"{part}.") for part in parts))
+    if not found:
+        return
+    param = base.get_parameter(found[0])
+    kind = type(param).__name__ if type(param.data) is torch.Tensor else type(param.data).__name__
+    where = sorted({part for part in parts for name in found if name == part or name.startswith(f"{part}.")})
+    raise ValueError(
+        f"`model`: the trained parts {parts} must hold full-precision weights; found {len(found)} quantized in "
+        f"{where} (e.g. {found[0]}: {kind} of {param.dtype}). Load the model through "
+        "InstructBlipForConditionalGeneration.from_pretrained(..., quantization_config=...), which keeps qformer, "
+        "query_tokens and language_projection out of quantization, and quantize nothing else by hand."
+    )
 
 
 def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -105,13 +140,15 @@ def freeze_for_instruction_tuning(
 ) -> ParameterTable:
     """Freeze the image encoder and the LLM, train the Q-Former, queries and projection (the paper's recipe);
     returns the `ParameterTable`. PEFT adapters keep their flags. `frozen_in_eval` pins the frozen parts in eval
-    mode, so `model.train()` enables no dropout in them (nor in adapters inside the LLM).
+    mode, so `model.train()` enables no dropout in them (nor in adapters inside the LLM). Quantized weights (in the
+    image encoder or the LLM) stay frozen; a `ValueError` names any in the parts that train.
 
     Example:
         >>> table = freeze_for_instruction_tuning(model)
         >>> table.trainable  # Q-Former + queries + projection: ~0.19 B for InstructBLIP-Vicuna-7B
     """
     base = instructblip_base(model)
+    _refuse_quantized(base, list(TRAINED_PARTS) + (["vision_model.post_layernorm"] if train_post_layernorm else []))
     adapter_names = adapter_parameter_names(base)
     adapter_flags = [(param, param.requires_grad) for name, param in base.named_parameters() if name in adapter_names]
     for part in FROZEN_PARTS:
