@@ -38,9 +38,16 @@ from .training.freezing import (
     save_trainable_weights,
     trainable_state_dict,
 )
-from .training.mixture import InstructionDataset, InstructionMixture, MixtureSource, build_instruction_mixture
+from .training.mixture import (
+    InstructionDataset,
+    InstructionMixture,
+    MixtureSource,
+    build_instruction_mixture,
+    most_frequent_answer,
+)
 from .training.sampler import BalancedConcatSampler, SamplerEpochCallback
-from .training.trainer import InstructBlipTrainer
+from .training.streaming import StreamingInstructionMixture, build_streaming_mixture
+from .training.trainer import InstructBlipTrainer, generation_metrics
 from .training.vision_cache import VisionFeatureCache
 
 AutoConfig.register(InstructBlipConfig.model_type, InstructBlipConfig, exist_ok=True)
@@ -79,6 +86,7 @@ __all__ = [
     "InstructionDataset",
     "LocalHubApi",
     "InstructionMixture",
+    "StreamingInstructionMixture",
     "MixtureSource",
     "ParameterTable",
     "SamplerEpochCallback",
@@ -88,6 +96,9 @@ __all__ = [
     "eval_prompt",
     "exact_match_accuracy",
     "freeze_for_instruction_tuning",
+    "build_streaming_mixture",
+    "most_frequent_answer",
+    "generation_metrics",
     "load_trainable_weights",
     "make_instruction_record",
     "mean_reciprocal_rank",
@@ -108,3 +119,12 @@ __all__ = [
     "vqa_accuracy",
     "vqa_example_accuracy",
 ]
+
+
+def __getattr__(name: str):
+    # TRL is optional: `InstructBlipSFTTrainer` imports it on first use (and stays out of `__all__`).
+    if name == "InstructBlipSFTTrainer":
+        from .training.sft import InstructBlipSFTTrainer
+
+        return InstructBlipSFTTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

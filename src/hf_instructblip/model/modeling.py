@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig, GenerationMixin
-from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, Seq2SeqModelOutput
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration import InstructBlipConfig
@@ -310,6 +310,14 @@ class _LanguageBody:
         self._model = model
 
     def __call__(self, *args, **kwargs) -> InstructBlipModelOutput:
+        if not self._model.config.use_decoder_only_language_model:
+            # Fused heads score position t against label t + 1 and apply the head to these states as they are:
+            # wrong for T5, whose decoder position t predicts label t (and whose tied head rescales them first).
+            raise ValueError(
+                "The full model's `base_model` serves fused LM heads of decoder-only LLMs (TRL, Liger). With an "
+                "encoder-decoder LLM use InstructBlipModel for the decoder's hidden states, and "
+                "hf_instructblip.InstructBlipSFTTrainer (the model's own loss) to train with TRL."
+            )
         return InstructBlipModel.forward(self._model, *args, **kwargs)
 
     def get_image_features(self, *args, **kwargs) -> InstructBlipImageFeatures:
@@ -341,20 +349,8 @@ class InstructBlipForConditionalGeneration(InstructBlipModel, GenerationMixin):
         return _LanguageBody(self)
 
     def _language_body(self, inputs_embeds, attention_mask, decoder_input_ids, decoder_attention_mask, **kwargs):
-        """As `InstructBlipModel._language_body`, through the LLM's own body modules: a causal LM's `base_model`
-        (e.g. `LlamaModel`); T5's encoder then decoder (T5's own forward applies the head right after)."""
-        llm = self.language_model
-        if self.config.use_decoder_only_language_model:
-            return llm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
-        if decoder_input_ids is None:
-            raise ValueError("An encoder-decoder LLM needs `decoder_input_ids` for its hidden states; found none.")
-        encoder_outputs = llm.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                            return_dict=True)
-        decoder_outputs = llm.get_decoder()(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
-                                            encoder_hidden_states=encoder_outputs.last_hidden_state,
-                                            encoder_attention_mask=attention_mask, **kwargs)
-        return Seq2SeqModelOutput(last_hidden_state=decoder_outputs.last_hidden_state,
-                                  encoder_last_hidden_state=encoder_outputs.last_hidden_state)
+        """A causal LM's body (its `base_model`, e.g. `LlamaModel`): what `base_model` runs (decoder-only only)."""
+        return self.language_model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     # --- training / scoring forward -------------------------------------------------------------------
     def forward(

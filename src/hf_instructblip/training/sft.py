@@ -1,0 +1,348 @@
+"""`InstructBlipSFTTrainer`: TRL's `SFTTrainer`, fitted to InstructBLIP's Q-Former-only instruction tuning.
+
+TRL is imported here only: `import hf_instructblip` works without it.
+
+What plain `trl.SFTTrainer` gets wrong for InstructBLIP, and what this trainer does instead (checked against TRL 1.16):
+- TRL's vision collator builds decoder-only sequences without bos and without eos on the completion (the model never
+  learns to stop), puts a T5's answer in the encoder input, and labels every token of conversational data, image
+  placeholders included.
+  Here batches come from `InstructBlipDataCollator` (LAVIS's layout), and TRL's formats (`prompt`/`completion`,
+  `messages`, both with `images`) are turned into its `{image, instruction, answer}` records; any other collator's
+  batches are checked for that layout and refused when they differ.
+- TRL's fused LM head scores decoder-only positions against the next label, which is right there; for an
+  encoder-decoder LLM it would shift T5's labels (decoder position t predicts label t) and skip the rescaling a
+  tied-embedding T5 applies before its head. Encoder-decoder models take the model's own loss (`fused_head_loss=True`).
+- TRL refuses plain lists as datasets: a list of records becomes a `datasets.Dataset` that returns them unchanged.
+- Batches hold raw records, so `remove_unused_columns=False` and `dataset_kwargs={"skip_prepare_dataset": True}` are
+  set; SFT options that only TRL's own batching reads (`max_length`, packing, ...) are refused when changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import datasets
+import torch
+from transformers import Trainer, TrainingArguments
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling
+
+from .collator import IGNORE_INDEX, InstructBlipDataCollator, _tokenizer_adds_bos
+from .freezing import instructblip_base
+
+_METADATA = ("dataset", "image_ids")  # our collator's record metadata: the model does not take it
+_DEFAULT_MAX_LENGTH = SFTConfig.__dataclass_fields__["max_length"].default
+
+
+# --- TRL dataset formats -> InstructBlipDataCollator records ---------------------------------------------
+def _text_of(content: Any, where: str) -> str:
+    """A message's text: the string, or its text parts joined by a space (as the processor's chat template)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        return " ".join(part["text"] for part in content if isinstance(part, Mapping) and part.get("type") == "text")
+    raise TypeError(f"{where}: message content must be a str or a list of parts, found {type(content).__name__}.")
+
+
+def _turns(messages: Any, roles: tuple[str, ...], where: str) -> list[Mapping]:
+    """`messages` checked to hold exactly one message per role in `roles`, in that order (InstructBLIP is
+    single-turn: the chat template keeps the last user turn only, so other turns would silently vanish)."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str):
+        raise TypeError(f"{where}: expected a list of messages, found {type(messages).__name__}.")
+    found = tuple(message.get("role") if isinstance(message, Mapping) else type(message).__name__
+                  for message in messages)
+    if found != roles:
+        raise ValueError(f"{where}: expected the roles {list(roles)} (InstructBLIP trains one answer to one "
+                         f"instruction), found {list(found)}.")
+    return list(messages)
+
+
+def _image_of(example: Mapping, index: int) -> Any:
+    """The one image of an example: `image`, or `images` holding exactly one."""
+    if example.get("image") is not None:
+        return example["image"]
+    images = example.get("images")
+    if not isinstance(images, Sequence) or len(images) != 1:
+        found = "no 'images'" if images is None else f"{len(images) if isinstance(images, Sequence) else images!r}"
+        raise ValueError(f"example {index}: 'images' must be a list of exactly one image (InstructBLIP reads one "
+                         f"image per example), found {found}.")
+    return images[0]
+
+
+def instruction_record(example: Mapping[str, Any], processor: Any, index: int = 0) -> dict[str, Any]:
+    """One example in a TRL dataset format -> an `InstructBlipDataCollator` record `{image, instruction, answer}`.
+
+    Formats: ours (`instruction` / `answer`, returned unchanged), prompt-completion (`prompt` / `completion`, plain
+    strings or one user message / one assistant message) and conversational (`messages`: one user message, then one
+    assistant message), each with `images` (a list of one image) or `image`. The instruction is the user message
+    rendered by the processor's chat template (what `processor.apply_chat_template` gives `generate` at inference);
+    the answer is the assistant's text. Other fields (`dataset`, `image_id`) are kept.
+
+    Example:
+        >>> instruction_record({"images": [image], "prompt": "What is shown?", "completion": "a dog"}, processor)
+        {'image': <PIL.Image...>, 'instruction': 'What is shown?', 'answer': 'a dog'}
+    """
+    if not isinstance(example, Mapping):
+        raise TypeError(f"example {index}: expected a mapping, found {type(example).__name__}.")
+    if example.get("instruction") is not None:
+        return dict(example)
+    where = f"example {index}"
+    if example.get("messages") is not None:
+        user, assistant = _turns(example["messages"], ("user", "assistant"), f"{where} 'messages'")
+    elif example.get("prompt") is not None and example.get("completion") is not None:
+        prompt, completion = example["prompt"], example["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            user, assistant = None, None
+        else:
+            user = _turns(prompt, ("user",), f"{where} 'prompt'")[0]
+            assistant = _turns(completion, ("assistant",), f"{where} 'completion'")[0]
+    else:
+        keys = sorted(key for key, value in example.items() if value is not None)
+        raise ValueError(f"{where}: expected 'instruction'/'answer', 'prompt'/'completion' or 'messages' with "
+                         f"'images'; found the keys {keys} (TRL's language-modelling 'text' has no answer to learn "
+                         "apart from its instruction).")
+    if user is None:
+        instruction, answer = example["prompt"], example["completion"]
+    else:
+        instruction = processor.apply_chat_template([user], tokenize=False)
+        answer = _text_of(assistant["content"], f"{where} assistant message")
+    fields = ("images", "image", "messages", "prompt", "completion")
+    kept = {key: value for key, value in example.items() if key not in fields}
+    return {**kept, "image": _image_of(example, index), "instruction": instruction, "answer": answer}
+
+
+@dataclasses.dataclass
+class TrlFormatCollator:
+    """`InstructBlipDataCollator` over examples in TRL's dataset formats (see `instruction_record`).
+
+    Example:
+        >>> collator = TrlFormatCollator(InstructBlipDataCollator(processor, decoder_only=True))
+        >>> collator([{"images": [image], "prompt": "What is shown?", "completion": "a dog"}])["labels"]
+    """
+
+    collator: InstructBlipDataCollator
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        processor = self.collator.processor
+        return self.collator([instruction_record(example, processor, i) for i, example in enumerate(examples)])
+
+
+# --- LAVIS layout check of batches from other collators --------------------------------------------------
+def _last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the index of the last True of `mask` `[B, L]` (0 for a row without one): `[B]`."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (mask * positions).argmax(dim=1)
+
+
+def check_lavis_layout(batch: Mapping[str, Any], decoder_only: bool, image_token_id: int, eos_token_id: int,
+                       bos_token_id: int | None = None) -> None:
+    """Raise a `ValueError` naming the first row whose tokens are not in LAVIS's training layout.
+
+    Decoder-only: `[image x Q][bos][prompt][answer eos][pad]` (bos only when `bos_token_id` is given), labels equal to
+    the ids where set, never on the placeholders or the padding, the last one eos. Encoder-decoder: encoder
+    `[image x Q][prompt eos][pad]`, labels `[answer eos]` without placeholders.
+
+    Example:
+        >>> check_lavis_layout(collator(records), decoder_only=True, image_token_id=32000, eos_token_id=2,
+        ...                    bos_token_id=1)
+    """
+    if batch.get("labels") is None:
+        raise ValueError("The batch has no 'labels'; instruction tuning learns the answer tokens.")
+    ids, labels = batch["input_ids"], batch["labels"].to(batch["input_ids"].device)  # [B, L], [B, L or L_answer]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    is_image = ids == image_token_id  # [B, L]
+    labelled = labels != IGNORE_INDEX
+    placeholders = is_image.sum(dim=1, keepdim=True)  # [B, 1]
+    problems: dict[str, torch.Tensor] = {  # reason -> [B] rows where it holds
+        "has no label": ~labelled.any(dim=1),
+        "does not end its labels with eos (the model would never learn to stop)":
+            labels.gather(1, _last_index(labelled)[:, None])[:, 0] != eos_token_id,
+        "does not start with its image placeholders":
+            (is_image != (torch.arange(ids.shape[1], device=ids.device) < placeholders)).any(dim=1),
+    }
+    if decoder_only:
+        if labels.shape != ids.shape:
+            raise ValueError(f"`labels` {list(labels.shape)} must have the shape of `input_ids` {list(ids.shape)} "
+                             "for a decoder-only LLM (the model shifts them).")
+        problems["labels the image placeholders"] = (labelled & is_image).any(dim=1)
+        problems["labels padding"] = (labelled & ~mask).any(dim=1)
+        problems["has labels that differ from its input ids"] = (labelled & (labels != ids)).any(dim=1)
+        if bos_token_id is not None:
+            after_image = ids.gather(1, placeholders.clamp(max=ids.shape[1] - 1))[:, 0]
+            problems["does not start its prompt with bos"] = after_image != bos_token_id
+    else:
+        problems["holds image placeholders in its labels (the answer is in the encoder input)"] = (
+            labelled & (labels == image_token_id)).any(dim=1)
+        problems["does not end its encoder input with eos (the answer may be in the encoder input)"] = (
+            ids.gather(1, _last_index(mask)[:, None])[:, 0] != eos_token_id)
+    flags = torch.stack(list(problems.values())).tolist()  # [reasons][B]: one host sync
+    for reason, rows in zip(problems, flags):
+        bad = [row for row, flag in enumerate(rows) if flag]
+        if bad:
+            layout = ("[image x Q][bos][prompt][answer eos][pad], labels on 'answer eos'" if decoder_only
+                      else "encoder [image x Q][prompt eos][pad], labels [answer eos]")
+            raise ValueError(f"In batch rows {bad}, the example {reason}: this is not LAVIS's training layout "
+                             f"({layout}). TRL's own collators build other layouts: leave `data_collator=None` "
+                             "(InstructBlipDataCollator).")
+
+
+# --- the trainer ---------------------------------------------------------------------------------------
+def _as_dataset(data: Any, name: str) -> Any:
+    """A list of records -> a `datasets.Dataset` (TRL takes no other kind) that hands back the records themselves,
+    unencoded (Arrow cannot hold every record: a message whose content is a str next to one with a list of parts);
+    a mapping of lists -> a mapping of those; anything else unchanged."""
+    if isinstance(data, Mapping) and not isinstance(data, (datasets.Dataset, datasets.IterableDataset)):
+        return {key: _as_dataset(value, f"{name}[{key!r}]") for key, value in data.items()}
+    if not isinstance(data, (list, tuple)):
+        return data
+    if not data:
+        raise ValueError(f"`{name}` is empty.")
+    rows = list(data)
+    for index, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise TypeError(f"`{name}[{index}]`: expected a mapping (a record), found {type(row).__name__}.")
+
+    def by_index(batch: dict[str, list[int]]) -> dict[str, list[Any]]:
+        picked = [rows[i] for i in batch["index"]]
+        keys = dict.fromkeys(key for row in picked for key in row)  # all rows' keys, in order
+        return {key: [row.get(key) for row in picked] for key in keys}
+
+    return datasets.Dataset.from_dict({"index": list(range(len(rows)))}).with_transform(by_index)
+
+
+def _sft_args(args: TrainingArguments | None, model: torch.nn.Module) -> SFTConfig:
+    """A copy of `args` as an `SFTConfig` with what InstructBLIP batches need; conflicting settings raise."""
+    if args is None:
+        name = getattr(model.config, "_name_or_path", "") or "instructblip"
+        return _sft_args(SFTConfig(f"{name.rstrip('/').split('/')[-1]}-SFT"), model)
+    if not isinstance(args, SFTConfig):
+        args = SFTConfig(**{**args.to_dict(), "hub_token": args.hub_token})  # to_dict hides the token
+    args = copy.copy(args)  # leave the caller's arguments as they were
+    dataset_kwargs = dict(args.dataset_kwargs or {})
+    allowed = {  # field -> (found, allowed values)
+        "dataset_kwargs['skip_prepare_dataset']": (dataset_kwargs.get("skip_prepare_dataset", True), (True,)),
+        "packing": (args.packing, (False,)),
+        "padding_free": (args.padding_free, (False,)),
+        "pad_to_multiple_of": (args.pad_to_multiple_of, (None,)),
+        "max_length": (args.max_length, (_DEFAULT_MAX_LENGTH,)),  # its default: the collator truncates
+        "completion_only_loss": (args.completion_only_loss, (None, True)),
+    }
+    for field, (found, values) in allowed.items():
+        if found not in values:
+            raise ValueError(
+                f"`args.{field}`: expected {' or '.join(map(repr, values))}, found {found!r}. InstructBlipSFTTrainer "
+                "batches with InstructBlipDataCollator, which lays out, truncates and pads each example (LAVIS: prompt "
+                "cut from the left to `max_input_length`, answer from the right to `max_output_length`, loss on the "
+                "answer only); set those on the collator: data_collator=InstructBlipDataCollator(processor, "
+                "decoder_only=..., max_input_length=..., max_output_length=...).")
+    args.dataset_kwargs = {**dataset_kwargs, "skip_prepare_dataset": True}  # examples are collated on the fly
+    args.remove_unused_columns = False  # the collator reads raw fields the model's forward does not take
+    args.assistant_only_loss = False  # already so (labels on the answer); TRL's version needs template markers
+    return args
+
+
+class InstructBlipSFTTrainer(SFTTrainer):
+    """TRL's `SFTTrainer` for InstructBLIP (Q-Former-only instruction tuning, LAVIS's training layout).
+
+    Takes TRL's vision dataset formats (`{"images": [image], "prompt": ..., "completion": ...}`, `messages`, both
+    plain or conversational) and `InstructBlipDataCollator` records (`{"image", "instruction", "answer"}`), as a
+    `datasets.Dataset`, `IterableDataset` or a list. Differences from `SFTTrainer`:
+        - `model` must be an InstructBLIP model instance (load it and call `freeze_for_instruction_tuning` first: from a
+          name, TRL would load transformers' own class);
+        - `data_collator` defaults to `InstructBlipDataCollator(processing_class, decoder_only=...)` over those
+          formats (an `InstructBlipDataCollator` passed in is wrapped the same way); TRL's own collators are refused
+          and any other collator's batches must be in LAVIS's layout (`check_lavis_layout`);
+        - decoder-only LLMs take TRL's loss (fused LM head, `entropy` and `mean_token_accuracy` metrics);
+          encoder-decoder ones the model's own loss (TRL's head would misalign T5's labels), without those metrics,
+          so `loss_type="dft"`, `label_smoothing_factor` and `compute_loss_func` are refused there;
+        - `remove_unused_columns=False` and `skip_prepare_dataset=True` are set; `max_length`, `packing`,
+          `padding_free`, `pad_to_multiple_of`, `completion_only_loss=False`, `formatting_func` and `peft_config`
+          (apply PEFT before `freeze_for_instruction_tuning`, see its docs) are refused.
+
+    Example:
+        >>> freeze_for_instruction_tuning(model)
+        >>> records = [{"images": [image], "prompt": "What is unusual here?", "completion": "a man ironing"}]
+        >>> args = SFTConfig("outputs/sft", per_device_train_batch_size=4, max_steps=100)
+        >>> InstructBlipSFTTrainer(model=model, args=args, train_dataset=records, processing_class=processor).train()
+    """
+
+    def __init__(self, model: torch.nn.Module, args: TrainingArguments | None = None,
+                 data_collator: Callable | None = None, train_dataset: Any = None, eval_dataset: Any = None,
+                 processing_class: Any = None, **kwargs: Any) -> None:
+        if isinstance(model, str):
+            raise TypeError("`model`: expected an InstructBlipForConditionalGeneration instance, found the name "
+                            f"{model!r}; load it with InstructBlipForConditionalGeneration.from_pretrained and call "
+                            "freeze_for_instruction_tuning(model) first.")
+        config = instructblip_base(model).config  # raises for other models
+        self._decoder_only = bool(config.use_decoder_only_language_model)
+        if kwargs.get("formatting_func") is not None:
+            raise ValueError("`formatting_func`: expected None; examples are turned into records on the fly "
+                             "(see `instruction_record`), not formatted into text.")
+        if kwargs.get("peft_config") is not None:
+            # TRL's `get_peft_model` would run after `freeze_for_instruction_tuning` and freeze the Q-Former again.
+            raise ValueError("`peft_config`: expected None; wrap the model yourself, in this order: `model = "
+                             "get_peft_model(model, peft_config)`, then `freeze_for_instruction_tuning(model)`.")
+        args = _sft_args(args, model)
+        if not self._decoder_only:
+            trl_only = {"args.loss_type": (args.loss_type, "nll"),
+                        "args.label_smoothing_factor": (args.label_smoothing_factor, 0.0),
+                        "compute_loss_func": (kwargs.get("compute_loss_func"), None)}
+            for name, (found, expected) in trl_only.items():
+                if found != expected:
+                    raise ValueError(f"`{name}`: expected {expected!r} for an encoder-decoder LLM, found {found!r}; "
+                                     "its loss is the model's own (TRL's fused LM head misaligns T5's labels).")
+        if isinstance(data_collator, (DataCollatorForVisionLanguageModeling, DataCollatorForLanguageModeling)):
+            raise TypeError(f"`data_collator`: TRL's {type(data_collator).__name__} does not build LAVIS's layout "
+                            "(no bos / eos around the prompt and answer, a T5's answer in the encoder input); leave "
+                            "`data_collator=None` for InstructBlipDataCollator.")
+        if processing_class is None and isinstance(data_collator, InstructBlipDataCollator):
+            processing_class = data_collator.processor
+        if processing_class is None:
+            raise ValueError("`processing_class`: expected the model's InstructBlipProcessor, found None.")
+        if data_collator is None:
+            data_collator = InstructBlipDataCollator(processing_class, decoder_only=self._decoder_only)
+        if isinstance(data_collator, InstructBlipDataCollator):
+            self._check_collator(data_collator, config)
+            data_collator = TrlFormatCollator(data_collator)
+        self._layout = dict(decoder_only=self._decoder_only, image_token_id=config.image_token_index,
+                            eos_token_id=processing_class.tokenizer.eos_token_id, bos_token_id=None)
+        if self._decoder_only and _tokenizer_adds_bos(processing_class.tokenizer):
+            self._layout["bos_token_id"] = processing_class.tokenizer.bos_token_id
+        super().__init__(model, args=args, data_collator=data_collator,
+                         train_dataset=_as_dataset(train_dataset, "train_dataset"),
+                         eval_dataset=_as_dataset(eval_dataset, "eval_dataset"),
+                         processing_class=processing_class, **kwargs)
+
+    @staticmethod
+    def _check_collator(collator: InstructBlipDataCollator, config: Any) -> None:
+        if collator.decoder_only != config.use_decoder_only_language_model:
+            raise ValueError(f"`data_collator`: built with decoder_only={collator.decoder_only}, expected "
+                             f"{config.use_decoder_only_language_model} (`use_decoder_only_language_model` of the "
+                             "model's config).")
+        if collator.prompt_only:
+            raise ValueError("`data_collator`: expected a training collator, found prompt_only=True (its batches hold "
+                             "no answer in the inputs).")
+        if collator.processor.image_token_id != config.image_token_index:
+            raise ValueError(f"`data_collator`: places image token id {collator.processor.image_token_id}, expected "
+                             f"model.config.image_token_index ({config.image_token_index}).")
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        """TRL's loss for decoder-only LLMs, the model's own for encoder-decoder ones, on LAVIS-layout batches."""
+        inputs = {key: value for key, value in inputs.items() if key not in _METADATA}
+        if "labels" in inputs and not isinstance(self.data_collator, TrlFormatCollator):
+            check_lavis_layout(inputs, **self._layout)  # ours is LAVIS by construction: no per-step host sync
+        if self._decoder_only:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        # T5: its decoder position t predicts label t; `Trainer.compute_loss` passes `num_items_in_batch` (exact
+        # gradient accumulation) and `fused_head_loss` keeps the [tokens, vocab] logits out of training steps.
+        inputs["use_cache"] = False
+        if model.training and "labels" in inputs:
+            inputs["fused_head_loss"] = True
+        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
