@@ -1,11 +1,11 @@
 """InstructBLIP as a Hugging Face transformers plugin.
 
 `import hf_instructblip` registers our config, model and processor with `AutoConfig`, `AutoModel`,
-`AutoModelForImageTextToText` and `AutoProcessor`, so `AutoModel.from_pretrained(path).generate(...)` works.
+`AutoModelForImageTextToText` and `AutoProcessor`, for our folders and official `model_type: instructblip` ones
+(opt out: `use_for_official_checkpoints(False)`), so `AutoModel.from_pretrained(path).generate(...)` works.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
-
+from .auto import register, use_for_official_checkpoints
 from .evaluate.metrics import (
     CiderResult,
     cider_d,
@@ -50,18 +50,7 @@ from .training.streaming import StreamingInstructionMixture, build_streaming_mix
 from .training.trainer import InstructBlipTrainer, generation_metrics
 from .training.vision_cache import VisionFeatureCache
 
-AutoConfig.register(InstructBlipConfig.model_type, InstructBlipConfig, exist_ok=True)
-AutoModel.register(InstructBlipConfig, InstructBlipForConditionalGeneration, exist_ok=True)
-AutoModelForImageTextToText.register(InstructBlipConfig, InstructBlipForConditionalGeneration, exist_ok=True)
-# Every save / push writes `auto_map` and our code files, so `trust_remote_code=True` works without this package.
-InstructBlipConfig.register_for_auto_class()
-InstructBlipForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-# Video: its own `model_type` (hf_instructblip_video), so the Auto classes give the video model for video folders.
-AutoConfig.register(InstructBlipVideoConfig.model_type, InstructBlipVideoConfig, exist_ok=True)
-AutoModel.register(InstructBlipVideoConfig, InstructBlipVideoForConditionalGeneration, exist_ok=True)
-AutoModelForImageTextToText.register(InstructBlipVideoConfig, InstructBlipVideoForConditionalGeneration, exist_ok=True)
-InstructBlipVideoConfig.register_for_auto_class()
-InstructBlipVideoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+register()
 
 __all__ = [
     "BalancedConcatSampler",
@@ -117,6 +106,7 @@ __all__ = [
     "trainable_card",
     "trainable_state_dict",
     "vqa_accuracy",
+    "use_for_official_checkpoints",
     "vqa_example_accuracy",
 ]
 
