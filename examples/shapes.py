@@ -138,9 +138,7 @@ def build_model(processor: InstructBlipProcessor, seed: int = 0) -> InstructBlip
 
 
 def load_checkpoint(model_id: str, **model_kwargs):
-    """Our model and processor from a folder or Hub id. Named explicitly rather than through the Auto classes: the
-    official `Salesforce/instructblip-*` repos say `model_type: instructblip`, which `AutoModel` maps to
-    transformers' own classes."""
+    """Our model and processor from a folder or Hub id (official `Salesforce/instructblip-*` ones included)."""
     model = InstructBlipForConditionalGeneration.from_pretrained(model_id, **model_kwargs)
     return model, InstructBlipProcessor.from_pretrained(model_id)
 
