@@ -530,3 +530,26 @@ def test_generate_from_inputs_embeds_finds_the_placeholders():
     with pytest.raises(ValueError, match="must hold exactly 4 image placeholder tokens"):
         model.generate(**{**inputs, "input_ids": None, "attention_mask": inputs["attention_mask"][:, 1:]},
                        inputs_embeds=embeds[:, 1:], **settings)
+
+
+def test_fp32_modules_are_declared_where_they_exist():
+    """The parts kept in fp32 (and out of quantization) are declared on the full models only, every one present."""
+    from hf_instructblip import InstructBlipModel, InstructBlipQFormerModel, InstructBlipVisionModel
+
+    assert not InstructBlipVisionModel._keep_in_fp32_modules and not InstructBlipQFormerModel._keep_in_fp32_modules
+    for model_class in (InstructBlipModel, InstructBlipForConditionalGeneration):
+        model = model_class(InstructBlipConfig(**tiny.config_kwargs("llama", IMAGE_TOKEN)))
+        names = {name.split(".")[0] for name, _ in model.named_parameters()}
+        assert set(model._keep_in_fp32_modules) <= names
+
+
+def test_config_return_dict_false_gives_tuples_and_the_model_still_runs():
+    model = make_ours("llama")
+    inputs = batch_inputs(seed=16)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        model.config.return_dict = False  # as transformers: the config's choice when the call makes none
+        features = model.get_image_features(inputs["pixel_values"], inputs["qformer_input_ids"])
+        output = model(**inputs)
+    assert isinstance(features, tuple) and isinstance(output, tuple)
+    torch.testing.assert_close(output[0], expected, atol=0, rtol=0)

@@ -357,3 +357,26 @@ def test_tokenizer_creation_defaults_are_respected_and_ours_stay_overridable():
     assert left[0][0] == 0 and right[0][-1] == 0  # our left padding by default, the call's side when given
     qformer = processor(text=texts, qformer_max_length=3)["qformer_input_ids"]
     assert max(len(row) for row in qformer) == 3  # the processor's own Q-Former bound is a call option too
+
+
+def test_call_signature_follows_processor_conventions():
+    """No `videos` / `audio` parameters it cannot take, typed keyword options (transformers' processor tests read
+    both), and `videos=None` / `audio=None` still accepted as chat templates pass them."""
+    import inspect
+
+    processor = tiny.processor("llama")
+    parameters = inspect.signature(processor.__call__).parameters
+    assert "videos" not in parameters and "audio" not in parameters
+    assert "InstructBlipProcessorKwargs" in str(parameters["kwargs"].annotation)
+    assert processor(images=tiny.images(1), text="what", videos=None, audio=None)["input_ids"]
+    with pytest.raises(ValueError, match="InstructBlipVideoProcessor"):
+        processor(text="what", videos=[tiny.images(2)])
+
+
+def test_saving_leaves_the_processor_equal_to_the_one_loaded_back(tmp_path):
+    processor = tiny.processor("llama")
+    before = processor.to_dict()
+    processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "processor_config.json").read_text())["auto_map"]  # remote code still wired
+    assert processor.to_dict() == before
+    assert InstructBlipProcessor.from_pretrained(tmp_path).to_dict() == processor.to_dict()

@@ -15,7 +15,7 @@ import tiny
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from hf_instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipPreTrainedModel
+from hf_instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipModel
 from hf_instructblip.training.collator import InstructBlipDataCollator
 from hf_instructblip.training.freezing import freeze_for_instruction_tuning, is_quantized, quantized_parameter_names
 
@@ -165,7 +165,7 @@ def test_freezing_refuses_a_quantized_trained_part(saved, monkeypatch):
     pytest.importorskip("bitsandbytes")
     path, _ = saved
     # a class that declares only the queries (as transformers' InstructBLIP): the quantizer converts the Q-Former too
-    monkeypatch.setattr(InstructBlipPreTrainedModel, "_keep_in_fp32_modules", ["query_tokens"])
+    monkeypatch.setattr(InstructBlipModel, "_keep_in_fp32_modules", ["query_tokens"])
     model = load_quantized("bnb-8bit", path)
     with pytest.raises(ValueError, match=r"`model`.*full-precision.*quantized.*qformer.*Int8Params"):
         freeze_for_instruction_tuning(model)

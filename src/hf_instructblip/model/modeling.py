@@ -72,6 +72,11 @@ class InstructBlipModel(InstructBlipPreTrainedModel):
 
     main_input_name = "pixel_values"
     _keys_to_ignore_on_load_unexpected = [r"^language_model\.lm_head\."]  # the full model's head
+    # The parts instruction tuning trains. transformers' quantizers (bitsandbytes, torchao, optimum-quanto, ...) never
+    # convert these modules, so a quantized model still trains them; loading in fp16 keeps them in fp32 (as BLIP-2 and
+    # LAVIS run the Q-Former), so their updates are not lost to fp16 rounding. The frozen vision encoder and LLM may
+    # be quantized; `llm_int8_skip_modules` / `modules_to_not_convert` keep more parts out.
+    _keep_in_fp32_modules = ["query_tokens", "qformer", "language_projection"]
 
     def __init__(self, config: InstructBlipConfig):
         super().__init__(config)
@@ -152,7 +157,7 @@ class InstructBlipModel(InstructBlipPreTrainedModel):
             mask = torch.cat([query_mask, mask], dim=1)  # [B, Q + T]
         qformer_outputs = self.qformer(
             input_ids=input_ids, attention_mask=mask, query_embeds=queries, encoder_hidden_states=image_embeds,
-            **recorded,
+            return_dict=True, **recorded,
         )
         query_output = qformer_outputs.last_hidden_state[:, : queries.shape[1]]  # [B, Q, D_qformer]
         features = InstructBlipImageFeatures(
@@ -163,7 +168,7 @@ class InstructBlipModel(InstructBlipPreTrainedModel):
             vision_outputs=vision_outputs,
             qformer_outputs=qformer_outputs,
         )
-        return features if kwargs.get("return_dict", True) is not False else features.to_tuple()
+        return self._returned(features, kwargs.get("return_dict"))
 
     def _vision_outputs(
         self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool, image_embeds: torch.Tensor | None,
@@ -173,7 +178,8 @@ class InstructBlipModel(InstructBlipPreTrainedModel):
         if image_embeds is None:
             if pixel_values is None:
                 raise ValueError("`pixel_values` is required (or precomputed vision features as `image_embeds`).")
-            return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **recorded)
+            return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True,
+                                     **recorded)
         expected = self.config.vision_config.hidden_size
         if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3 or image_embeds.shape[-1] != expected:
             found = list(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds).__name__
@@ -250,7 +256,8 @@ class InstructBlipModel(InstructBlipPreTrainedModel):
         recorded = {key: value for key, value in (llm_kwargs or {}).items()
                     if key in ("output_attentions", "output_hidden_states")}
         image = self.get_image_features(
-            pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding, image_embeds, **recorded
+            pixel_values, qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding, image_embeds,
+            return_dict=True, **recorded,
         )
         return image, *self.prepare_llm_inputs(input_ids, image.pooler_output, attention_mask, inputs_embeds)
 
@@ -295,7 +302,7 @@ class InstructBlipModel(InstructBlipPreTrainedModel):
             qformer_outputs=image.qformer_outputs,
             language_model_outputs=outputs,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return self._returned(output, return_dict)
 
 
 class _LanguageBody:
@@ -413,7 +420,7 @@ class InstructBlipForConditionalGeneration(InstructBlipModel, GenerationMixin):
             qformer_outputs=image.qformer_outputs,
             language_model_outputs=outputs,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return self._returned(output, return_dict)
 
     # --- generation -----------------------------------------------------------------------------------
     @torch.inference_mode()  # cheaper than no_grad (no version counters / view tracking); ids are all we return

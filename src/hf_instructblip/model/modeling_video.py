@@ -72,12 +72,12 @@ class InstructBlipVideoForConditionalGeneration(InstructBlipForConditionalGenera
             pixel_values.flatten(0, 1) if image_embeds is None else None,  # [B*T, 3, H, W]
             qformer_input_ids, qformer_attention_mask, interpolate_pos_encoding,
             image_embeds.flatten(0, 1) if image_embeds is not None else None,  # [B*T, N, D_vision]
-            **kwargs,
+            return_dict=True, **kwargs,
         )
         per_frame = features.pooler_output  # [B*T, Q, D_llm]
         # [B, T*Q, D_llm]: frame 0's queries, then frame 1's, ...
         features.pooler_output = per_frame.reshape(batch, frames * per_frame.shape[1], per_frame.shape[-1])
-        return features if return_dict is not False else features.to_tuple()
+        return self._returned(features, return_dict)
 
     def _per_frame(self, rows: torch.Tensor | None, name: str, batch: int, frames: int) -> torch.Tensor | None:
         """One Q-Former instruction row per clip `[B, L]` -> the same row for each of its frames `[B*T, L]`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
 from transformers import initialization as init
 
 from .configuration import InstructBlipConfig
@@ -23,11 +24,11 @@ class InstructBlipPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["EvaEncoderLayer", "QFormerLayer", "QFormerEmbeddings"]
 
     _can_compile_fullgraph = True  # value checks step aside under tracing (inputs.reads_values)
-    # The parts instruction tuning trains. transformers' quantizers (bitsandbytes, torchao, optimum-quanto, ...) never
-    # convert these modules, so a quantized model still trains them; loading in fp16 keeps them in fp32 (as BLIP-2 and
-    # LAVIS run the Q-Former), so their updates are not lost to fp16 rounding. The frozen vision encoder and LLM may
-    # be quantized; `llm_int8_skip_modules` / `modules_to_not_convert` keep more parts out.
-    _keep_in_fp32_modules = ["query_tokens", "qformer", "language_projection"]
+
+    def _returned(self, output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
+        """`output`, or its tuple when the call's `return_dict` (else the config's) is False, as in transformers."""
+        wanted = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
+        return output if wanted is not False else output.to_tuple()
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:

@@ -10,14 +10,13 @@ positions start at 0, so left padding would move every real token); batched LLM 
 default, which batched decoder-only generation needs.
 """
 
-from __future__ import annotations
 
 from typing import Any
 
 import torch
 from PIL import Image
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
-from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, TextKwargs
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, TextKwargs, Unpack
 from transformers.tokenization_utils_base import AddedToken
 
 from .configuration import InstructBlipConfig
@@ -123,6 +122,24 @@ class HfInstructBlipProcessor(ProcessorMixin):
         kwargs["chat_template"] = kwargs.get("chat_template") or CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, qformer_tokenizer, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `ProcessorMixin.save_pretrained`; the `auto_map` it writes into the saved files is not left on this
+        object or its image processor, so they equal the ones loaded back from them."""
+        parts = [part for part in (self, self.image_processor) if "auto_map" not in part.__dict__]
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            for part in parts:
+                part.__dict__.pop("auto_map", None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As `ProcessorMixin.to_dict`, without the `auto_map` that transformers' save puts on the image processor:
+        it names this processor (the folder's own `auto_map` does that), and a loaded image processor would keep it."""
+        output = super().to_dict()
+        if isinstance(output.get("image_processor"), dict):
+            output["image_processor"].pop("auto_map", None)
+        return output
+
     @property
     def image_token_id(self) -> int:
         """Id of the image placeholder in the LLM vocabulary (= the model's `config.image_token_index`)."""
@@ -183,9 +200,7 @@ class HfInstructBlipProcessor(ProcessorMixin):
         self,
         images: Any = None,
         text: str | list[str] | None = None,
-        videos: Any = None,
-        audio: Any = None,
-        **kwargs,
+        **kwargs: Unpack[InstructBlipProcessorKwargs],
     ) -> BatchFeature:
         """Images and/or prompts -> `BatchFeature` with `pixel_values`, `input_ids`, `attention_mask`,
         `qformer_input_ids`, `qformer_attention_mask` (what was given decides which).
@@ -198,7 +213,7 @@ class HfInstructBlipProcessor(ProcessorMixin):
         """
         if images is None and text is None:
             raise ValueError("Pass `images`, `text` or both; both are None.")
-        if videos is not None or audio is not None:  # `apply_chat_template` passes both, as None
+        if kwargs.pop("videos", None) is not None or kwargs.pop("audio", None) is not None:  # chat templates pass None
             raise ValueError("This processor takes `images`; for clips use InstructBlipVideoProcessor(videos=...).")
         _check_options(kwargs)
         options = self._merge_kwargs(InstructBlipProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs,

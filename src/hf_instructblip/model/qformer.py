@@ -221,4 +221,4 @@ class InstructBlipQFormerModel(InstructBlipPreTrainedModel):
             attentions=tuple(self_attentions) if output_attentions else None,
             cross_attentions=tuple(cross_attentions) if output_attentions else None,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return self._returned(output, return_dict)

@@ -169,4 +169,4 @@ class InstructBlipVisionModel(InstructBlipPreTrainedModel):
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             attentions=tuple(all_attentions) if output_attentions else None,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return self._returned(output, return_dict)
