@@ -251,6 +251,17 @@ def test_trainer_trains_on_a_stream_with_max_steps(tmp_path):
     result = trainer.train()
     assert trainer.state.global_step == 2 and np.isfinite(result.training_loss)
     assert consumed == [r["dataset"] for r in itertools.islice(mixture.dataset, 4)]
+    # accelerate's default for iterable data (rank 0 concatenates every rank's batch) cannot take our batches
+    assert trainer.args.accelerator_config.dispatch_batches is False
+    assert args.accelerator_config.dispatch_batches is None  # the caller's arguments are left as they were
+    explicit = TrainingArguments(str(tmp_path), max_steps=2, report_to=[], use_cpu=True,
+                                 accelerator_config={"dispatch_batches": True})
+    for call in ({"args": explicit}, {}):  # keyword or positional: the user's own choice is kept
+        trainer = InstructBlipTrainer(model, *([] if call else [explicit]), train_dataset=mixture.dataset,
+                                      data_collator=mixture.collator, **call)
+        assert trainer.args.accelerator_config.dispatch_batches is True
+    mapped = InstructBlipTrainer(model, args, train_dataset=rows, data_collator=mixture.collator)
+    assert mapped.args.accelerator_config.dispatch_batches is None  # map-style data: untouched
 
 
 # --- (d) column mapping ---------------------------------------------------------------------------------------

@@ -80,8 +80,9 @@ class StreamingInstructionMixture(IterableDataset):
     of a map-style one gives the same records as `InstructionDataset`. Only the expected shares are fixed: exact
     per-epoch counts need map-style data (`build_instruction_mixture`).
 
-    Several processes: every process iterates the same stream. With more than one, train with
-    ``TrainingArguments(accelerator_config={"dispatch_batches": False})``: accelerate then wraps the stream so that
+    Several processes: every process iterates the same stream. `InstructBlipTrainer` sets
+    ``accelerator_config.dispatch_batches=False`` for iterable data (other trainers: set it): accelerate then wraps the
+    stream so that
     each rank keeps its own slice of every global batch (rank r of R, per-device batch B: records
     ``[g*R*B + r*B, g*R*B + (r+1)*B)`` of global batch g), distinct across ranks. Accelerate's default for iterable
     datasets (``dispatch_batches=True``: rank 0 reads and concatenates every rank's batch) fails on the collator's

@@ -58,6 +58,25 @@ from .sampler import SamplerEpochCallback
 from .vision_cache import VisionFeatureCache
 
 
+def _undispatched_streams(args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """`Trainer`'s positional arguments, with `dispatch_batches=False` in the `TrainingArguments` (a copy) when the
+    training data is an iterable dataset and the user left it unset: accelerate's default for iterable data (rank 0
+    reads every rank's batch and concatenates them) fails on our batches, whose lengths differ from batch to batch.
+    Each rank then keeps its own slice of the stream."""
+    names = ("model", "args", "data_collator", "train_dataset")
+    given = {**dict(zip(names, args)), **kwargs}
+    training_args, data = given.get("args"), given.get("train_dataset")
+    config = getattr(training_args, "accelerator_config", None)
+    if not isinstance(data, torch.utils.data.IterableDataset) or getattr(config, "dispatch_batches", 0) is not None:
+        return args
+    training_args = copy.copy(training_args)
+    training_args.accelerator_config = dataclasses.replace(config, dispatch_batches=False)
+    if "args" in kwargs:
+        kwargs["args"] = training_args
+        return args
+    return (args[0], training_args, *args[2:])
+
+
 class InstructBlipTrainer(Trainer):
     """`Trainer` for InstructBLIP instruction tuning (Q-Former only, optionally + PEFT adapters).
 
@@ -115,7 +134,7 @@ class InstructBlipTrainer(Trainer):
         self._dataset_samples: dict[str, int] = defaultdict(int)  # cumulative, per dataset name
         self._dataset_loss: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # since last log: sum, tokens
         self._pending_loss: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []  # on device until a log step
-        super().__init__(*args, **kwargs)
+        super().__init__(*_undispatched_streams(args, kwargs), **kwargs)
         self.args = copy.copy(self.args)  # leave the caller's TrainingArguments as they were
         self.args.remove_unused_columns = False  # the collator needs the raw record fields
         self._add_sampler_epoch_callback()
