@@ -186,7 +186,7 @@ def test_refused_arguments_and_examples(tmp_path):
         make(args=sft_config(tmp_path, dataset_kwargs={"skip_prepare_dataset": False}))
     with pytest.raises(ValueError, match=r"`args.loss_type`: expected 'nll' for an encoder-decoder LLM"):
         make(args=sft_config(tmp_path, loss_type="dft"))
-    with pytest.raises(ValueError, match=r"`data_collator`: built with decoder_only=True, expected False"):
+    with pytest.raises(ValueError, match=r"`data_collator` was built with decoder_only=True, but the model's LLM is encoder-decoder"):
         make(args=sft_config(tmp_path), data_collator=InstructBlipDataCollator(processor, decoder_only=True))
     with pytest.raises(ValueError, match=r"`peft_config`: expected None; wrap the model yourself"):
         make(args=sft_config(tmp_path), peft_config=object())

@@ -203,6 +203,18 @@ class InstructBlipDataCollator:
         eos, prompt = self._prompt_ids(record["instruction"], index)
         return self._with_image(prompt + eos, tokens), self._answer_ids(record["answer"], index)
 
+    def check_model(self, config: Any, name: str = "data_collator") -> None:
+        """Raise if this collator (passed to a trainer as `name`) was built for another LLM kind or image token than
+        the model whose config is `config`: caught before the first step does."""
+        decoder_only = config.use_decoder_only_language_model
+        if self.decoder_only != decoder_only:
+            kind = "decoder-only" if decoder_only else "encoder-decoder"
+            raise ValueError(f"`{name}` was built with decoder_only={self.decoder_only}, but the model's LLM is "
+                             f"{kind}; pass decoder_only=model.config.use_decoder_only_language_model.")
+        if self.processor.image_token_id != config.image_token_index:
+            raise ValueError(f"`{name}` places image token id {self.processor.image_token_id}, but "
+                             f"model.config.image_token_index is {config.image_token_index}; they must match.")
+
     def _with_image(self, row: list[int], tokens: int) -> list[int]:
         return prepend_image_placeholders([row], self.processor.image_token_id, tokens)[0]
 

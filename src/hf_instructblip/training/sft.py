@@ -319,16 +319,10 @@ class InstructBlipSFTTrainer(SFTTrainer):
 
     @staticmethod
     def _check_collator(collator: InstructBlipDataCollator, config: Any) -> None:
-        if collator.decoder_only != config.use_decoder_only_language_model:
-            raise ValueError(f"`data_collator`: built with decoder_only={collator.decoder_only}, expected "
-                             f"{config.use_decoder_only_language_model} (`use_decoder_only_language_model` of the "
-                             "model's config).")
+        collator.check_model(config)
         if collator.prompt_only:
             raise ValueError("`data_collator`: expected a training collator, found prompt_only=True (its batches hold "
                              "no answer in the inputs).")
-        if collator.processor.image_token_id != config.image_token_index:
-            raise ValueError(f"`data_collator`: places image token id {collator.processor.image_token_id}, expected "
-                             f"model.config.image_token_index ({config.image_token_index}).")
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:

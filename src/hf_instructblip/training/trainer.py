@@ -195,16 +195,8 @@ class InstructBlipTrainer(Trainer):
     def _check_collator(self, config) -> None:
         """Catch a collator built for another LLM kind or image token before the first step does."""
         for name, collator in (("data_collator", self.data_collator), ("eval_data_collator", self.eval_data_collator)):
-            if not isinstance(collator, InstructBlipDataCollator):
-                continue
-            decoder_only = config.use_decoder_only_language_model
-            if collator.decoder_only != decoder_only:
-                kind = "decoder-only" if decoder_only else "encoder-decoder"
-                raise ValueError(f"`{name}` was built with decoder_only={collator.decoder_only}, but the model's "
-                                 f"LLM is {kind}; pass decoder_only=model.config.use_decoder_only_language_model.")
-            if collator.processor.image_token_id != config.image_token_index:
-                raise ValueError(f"`{name}` places image token id {collator.processor.image_token_id}, but "
-                                 f"model.config.image_token_index is {config.image_token_index}; they must match.")
+            if isinstance(collator, InstructBlipDataCollator):
+                collator.check_model(config, name)
 
     # --- data ---------------------------------------------------------------------------------------------
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Sampler | None:
