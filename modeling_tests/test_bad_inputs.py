@@ -22,7 +22,7 @@ def config(**overrides) -> InstructBlipConfig:
 CONFIG_CASES = [
     (dict(num_query_tokens=0), ValueError, r"`num_query_tokens` must be an int >= 1, found 0"),
     (dict(num_query_tokens=-3), ValueError, r"`num_query_tokens` must be an int >= 1, found -3"),
-    (dict(num_query_tokens="32"), ValueError, r"`num_query_tokens` must be an int >= 1, found '32'"),
+    (dict(num_query_tokens="32"), TypeError, r"`num_query_tokens` must be an int >= 1, found str '32'"),
     (dict(qformer_config=tiny.qformer_config(cross_attention_frequency=0)), ValueError,
      r"`cross_attention_frequency` must be an int >= 1, found 0"),
     (dict(vision_config=tiny.vision_config(image_size=30)), ValueError,

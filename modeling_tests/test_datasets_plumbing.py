@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 datasets = pytest.importorskip("datasets")
 
 from hf_instructblip import InstructBlipDataCollator, InstructionDataset, make_instruction_record  # noqa: E402
-from hf_instructblip.evaluate.runner import _model_inputs  # noqa: E402
+from hf_instructblip.evaluate.runner import example_inputs  # noqa: E402
 from hf_instructblip.evaluate.tasks import prepare_examples  # noqa: E402
 from hf_instructblip.model.images import load_image  # noqa: E402
 from hf_instructblip.training.mixture import (  # noqa: E402
@@ -77,7 +77,7 @@ def test_undecoded_rows_give_the_same_pixels_in_processor_collator_mixture_and_r
     mixed = mixture.collator([mixture.dataset[0]])["pixel_values"]
     examples = prepare_examples("gqa", [{"image": embedded, "question": "q", "answer": "a"}])
     fake_model = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
-    evaluated = _model_inputs(fake_model, processor, examples)["pixel_values"]
+    evaluated = example_inputs(fake_model, processor, examples)["pixel_values"]
     for result in (from_dict, collated, mixed, evaluated):
         torch.testing.assert_close(result, expected, rtol=0, atol=0)
 
@@ -174,7 +174,7 @@ def test_unknown_sizes_need_explicit_probabilities():
         StreamingInstructionMixture(sources, probabilities={"a": 1.0})
     with pytest.raises(ValueError, match=r"probabilities: expected either probabilities or multipliers"):
         StreamingInstructionMixture(sources, probabilities=[1, 1], multipliers=[1, 2])
-    with pytest.raises(ValueError, match=r"probabilities\[1\]: expected a finite number >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"`probabilities\[1\]` must be a finite number >= 0, found -1"):
         StreamingInstructionMixture(sources, probabilities=[1, -1])
     with pytest.raises(TypeError, match=r"MixtureSource 'g': .*can be iterated again .*\(a one-shot iterator\)"):
         StreamingInstructionMixture([MixtureSource("g", iter(qa_rows(1)), task="vqav2")], probabilities=[1])

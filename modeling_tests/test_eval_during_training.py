@@ -26,6 +26,10 @@ from hf_instructblip import (
     generation_metrics,
     vqa_accuracy,
 )
+from hf_instructblip.evaluate.metrics import caption_tokens
+from hf_instructblip.evaluate.runner import evaluate, read_predictions
+from hf_instructblip.evaluate.tasks import Example, compute_metric, task_spec
+from hf_instructblip.templates import eval_prompt
 
 I = 300  # "<image>" once the processor adds it to the tiny LLM tokenizer
 X = -100
@@ -112,20 +116,23 @@ def test_prompt_only_batch_is_the_processors_generation_batch(kind):
     batch = InstructBlipDataCollator(processor, decoder_only=kind == "llama", prompt_only=True)(records)
     oracle = processor(images=[r["image"] for r in records], text=[r["instruction"] for r in records],
                        padding_side="left" if kind == "llama" else "right", return_tensors="pt")
-    assert set(batch) == set(oracle) | {"labels"}
+    assert set(batch) == set(oracle) | {"labels"} | ({"loss_inputs"} if kind == "llama" else set())
     for key in oracle:
         assert torch.equal(batch[key], oracle[key]), key
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_training_layout_of_a_prompt_only_batch_is_the_training_batch(kind):
-    """The evaluation loss reads `training_layout(prompt-only batch)`: exactly the training collator's batch, whose
-    own layout `prompt_only` leaves alone."""
+def test_loss_inputs_of_a_prompt_only_batch_are_the_training_batch(kind):
+    """The evaluation loss reads the prompt-only batch with its `loss_inputs` (decoder-only) laid over it: exactly the
+    training collator's batch; a T5 batch is the training layout already and carries none."""
     processor = tiny.processor(kind)
     training = InstructBlipDataCollator(processor, decoder_only=kind == "llama")
     prompt_only = InstructBlipDataCollator(processor, decoder_only=kind == "llama", prompt_only=True)
     expected = training(layout_records())
-    rebuilt = prompt_only.training_layout(prompt_only(layout_records()))
+    batch = prompt_only(layout_records())
+    assert ("loss_inputs" in batch) == (kind == "llama")
+    rebuilt = {**batch, **batch.pop("loss_inputs", {})}
+    rebuilt = {key: value for key, value in rebuilt.items() if key != "loss_inputs"}
     assert set(rebuilt) == set(expected)
     assert all(torch.equal(rebuilt[key], expected[key]) for key in expected)
     if kind == "llama":  # [image x 4][bos][prompt][answer eos][pad], labels on `answer eos`
@@ -138,11 +145,9 @@ def test_prompt_only_records_without_answers_have_no_labels():
     collator = InstructBlipDataCollator(tiny.processor("llama"), decoder_only=True, prompt_only=True)
     unlabelled = [{k: v for k, v in record.items() if k != "answer"} for record in layout_records()]
     batch = collator(unlabelled)
-    assert "labels" not in batch and batch["input_ids"].shape == (3, 15)
+    assert "labels" not in batch and "loss_inputs" not in batch and batch["input_ids"].shape == (3, 15)
     with pytest.raises(ValueError, match=r"records \[1, 2\].*'answer'"):
         collator(layout_records()[:1] + unlabelled[1:])
-    with pytest.raises(ValueError, match="no `labels`"):
-        collator.training_layout(batch)
     with pytest.raises(ValueError, match="field 'answer' is missing"):  # training batches still need answers
         InstructBlipDataCollator(tiny.processor("llama"), decoder_only=True)(unlabelled)
 
@@ -153,9 +158,6 @@ def test_prompt_only_bad_arguments():
         InstructBlipDataCollator(processor, decoder_only=True, prompt_only=True, train_on_prompt=True)
     with pytest.raises(TypeError, match="`prompt_only` must be a bool, found str"):
         InstructBlipDataCollator(processor, decoder_only=True, prompt_only="yes")
-    training = InstructBlipDataCollator(processor, decoder_only=True)
-    with pytest.raises(ValueError, match="prompt_only=False"):
-        training.training_layout(training(layout_records()))
 
 
 # --- the trainer ------------------------------------------------------------------------------------------------
@@ -270,6 +272,32 @@ def test_trainer_refuses_answer_leaking_or_generation_without_predict_with_gener
         plain.evaluate(make_records(EVAL[:2], seed=1), max_new_tokens=3)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_evaluation_during_training_generates_what_the_runner_generates(kind, tmp_path):
+    """The same records (GQA's evaluation prompt, the task's LAVIS short-answer preset, batches of 2) give the same
+    answers from `InstructBlipTrainer.predict` with `predict_with_generate` and from the zero-shot runner."""
+    processor = tiny.processor(kind)
+    model = make_model(kind, processor).eval()
+    questions = ["is this a cat or a dog ?", "what shape is shown ?", "what colour is the square ?"]
+    records = [{"image": image, "question": q, "answer": "a dog ."}
+               for image, q in zip(tiny.images(len(questions), seed=3), questions)]
+    preset = task_spec("gqa").generation
+    runner = evaluate(model, processor, records, "gqa", predictions_path=tmp_path / "gqa.jsonl", batch_size=2,
+                      progress=False)
+    from_runner = [row["prediction"] for row in read_predictions(tmp_path / "gqa.jsonl", "gqa").values()]
+    assert runner["num_examples"] == 3 and len(from_runner) == 3
+
+    prompts = [eval_prompt("gqa", record) for record in records]
+    training_records = [{"image": r["image"], "instruction": p, "answer": r["answer"]} for r, p in zip(records, prompts)]
+    trainer = InstructBlipTrainer(model=model, args=generation_args(tmp_path / "trainer"),
+                                  data_collator=InstructBlipDataCollator(processor, decoder_only=kind == "llama"))
+    predicted = trainer.predict(training_records, **preset).predictions
+    pad = processor.tokenizer.pad_token_id
+    from_trainer = [text.strip() for text in processor.tokenizer.batch_decode(
+        np.where(predicted < 0, pad, predicted).tolist(), skip_special_tokens=True)]
+    assert from_trainer == from_runner and any(from_runner)  # not all empty
+
+
 # --- generation_metrics -------------------------------------------------------------------------------------------
 def test_generation_metrics_decode_and_score():
     processor = tiny.processor("llama")
@@ -284,7 +312,7 @@ def test_generation_metrics_decode_and_score():
     prediction = EvalPrediction(predictions=ids(predictions, 12), label_ids=ids(references, 10))
     assert generation_metrics(processor)(prediction) == {"exact_match": exact_match_accuracy(predictions, references)}
     assert generation_metrics(tokenizer, "cider")(prediction)["cider"] == pytest.approx(
-        cider_d(predictions, [[r] for r in references]).score)
+        cider_d(predictions, [[r] for r in references], tokenize=caption_tokens).score)
     humans = [["red"] * 3, ["2"] * 10, ["dog"] * 2 + ["cat"] * 8]
     assert generation_metrics(processor, "vqa_accuracy", humans)(prediction) == {
         "vqa_accuracy": vqa_accuracy(predictions, humans)}
@@ -299,3 +327,23 @@ def test_generation_metrics_decode_and_score():
         generation_metrics(processor)(EvalPrediction(predictions=np.zeros((3, 4, 8)), label_ids=ids(references, 10)))
     with pytest.raises(ValueError, match="carry no labels"):
         generation_metrics(processor)(EvalPrediction(predictions=ids(predictions, 12), label_ids=None))
+
+
+def test_generation_metrics_cider_is_the_runners():
+    """Captions with case and punctuation: CIDEr logged during training equals the zero-shot runner's score of the
+    same predictions (both tokenise as the runner does), and differs from a whitespace split (which the old
+    training metric used)."""
+    processor = tiny.processor("llama")
+    tokenizer = processor.tokenizer
+    predictions = ["A red Circle.", "two blue squares!", "A dog, running."]
+    humans = [["a red circle", "The circle is RED."], ["Two squares, blue."], ["a dog runs", "A Dog is running!"]]
+    encoded = [tokenizer.encode(t, add_special_tokens=False) for t in predictions]
+    width = max(map(len, encoded))
+    ids = np.array([row + [X] * (width - len(row)) for row in encoded])
+    assert tokenizer.batch_decode(encoded) == predictions  # the tiny tokenizer round-trips case and punctuation
+    during_training = generation_metrics(processor, "cider", humans)(EvalPrediction(predictions=ids, label_ids=None))
+    examples = [Example(id=i, image=None, prompt="A short image description:", candidates=None, reference=refs)
+                for i, refs in enumerate(humans)]
+    runner = compute_metric("nocaps", examples, [{"prediction": p} for p in predictions])
+    assert during_training["cider"] == pytest.approx(runner, abs=1e-12)
+    assert runner != pytest.approx(cider_d(predictions, humans).score)

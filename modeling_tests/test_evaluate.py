@@ -157,7 +157,7 @@ def test_cli_refuses_numbers_below_one(option, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    assert f"argument {option}: expected an integer >= 1, found 0" in capsys.readouterr().err
+    assert f"argument {option}: `value` must be an int >= 1, found 0." in capsys.readouterr().err
 
 
 def test_cli_checks_paths_records_and_predictions_before_loading_the_model(image_dir, tmp_path, capsys):

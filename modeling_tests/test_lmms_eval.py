@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.models import get_model, list_available_models  # noqa: E402
 
-from hf_instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration  # noqa: E402
+from hf_instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration, rank_candidates  # noqa: E402
 from hf_instructblip.evaluate.lmms_eval_model import (  # noqa: E402
     InstructBlipLmms,
     cut_at_stop_strings,
@@ -195,6 +195,37 @@ def test_loglikelihood_equals_log_probs_from_logits(setup, docs):
         torch.testing.assert_close(torch.tensor([value for value, _ in results]), reference, rtol=1e-5, atol=1e-4)
 
 
+def test_multiple_choice_requests_score_as_rank_candidates(setup, docs):
+    """A multiple-choice question's requests (one document and context, several continuations) score as the
+    candidates of one example of `rank_candidates`, the image and context run once: the same values (1e-5), the same
+    greedy flags, in request order, with other documents' requests interleaved."""
+    model, processor, lm = setup
+    tokenizer = processor.tokenizer
+    choices = [" a red circle", " two shapes", " a square .", " red"]
+    order = [(3, choices[0]), (0, " blue"), (3, choices[1]), (3, choices[2]), (0, " red"), (3, choices[3])]
+    requests = [instance("loglikelihood", doc, cont) for doc, cont in order]
+    lm.loglikelihood_score = "logprob"
+    try:
+        results = run(lm, "loglikelihood", requests, 2)
+    finally:
+        lm.loglikelihood_score = "loss"
+
+    def candidate_ids(context: str, continuation: str) -> list[int]:
+        if not model.config.use_decoder_only_language_model:
+            return tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        return tokenizer(context + continuation, add_special_tokens=False)["input_ids"][len(context_ids):]
+
+    for doc in (3, 0):
+        context = CONTEXTS[doc]
+        asked = [i for i, (d, _) in enumerate(order) if d == doc]
+        inputs = processor(images=docs[doc]["image"], text=context, return_tensors="pt")
+        ranked = rank_candidates(model, **inputs, candidates=[[candidate_ids(context, order[i][1]) for i in asked]])
+        torch.testing.assert_close(torch.tensor([results[i][0] for i in asked]), ranked.scores[0], rtol=1e-5,
+                                   atol=1e-5)
+        assert [results[i][1] for i in asked] == ranked.greedy[0].tolist()
+
+
 @torch.no_grad()
 def test_is_greedy_true_and_false(setup, docs):
     model, processor, lm = setup
@@ -249,7 +280,7 @@ def test_unsupported_requests_are_named(setup, docs):
 
 @pytest.mark.parametrize("args, message", [
     ("device=cpu", "`pretrained` is required"),
-    ("pretrained=x,batch_size=auto", "`batch_size` must be a positive integer \\('auto'"),
+    ("pretrained=x,batch_size=auto", "`batch_size` must be an int >= 1 \\('auto'"),
     ("pretrained=x,dtype=float33", "`dtype` must be 'auto' or a torch dtype name"),
     ("pretrained=x,generation_defaults=lavis", "`generation_defaults` must be one of"),
     ("pretrained=x,multiple_images=grid", "`multiple_images` must be one of"),

@@ -284,7 +284,7 @@ def test_bad_input_gets_a_clear_error(call, error, message):
 
 
 def test_bad_init_arguments():
-    with pytest.raises(ValueError, match="`num_query_tokens` must be a positive int, found 0"):
+    with pytest.raises(ValueError, match="`num_query_tokens` must be an int >= 1, found 0"):
         InstructBlipProcessor(tiny.image_processor(), tiny.llm_tokenizer(), tiny.qformer_tokenizer(),
                               num_query_tokens=0)
 

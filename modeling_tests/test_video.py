@@ -346,7 +346,7 @@ def test_processor_refuses_bad_clips():
         processor(videos=mixed)
     with pytest.raises(ValueError, match=r"`videos` must be a clip .* found Image"):
         processor(videos=numbered_frames(1)[0])
-    with pytest.raises(ValueError, match=r"`num_frames` must be a positive int"):
+    with pytest.raises(ValueError, match=r"`num_frames` must be an int >= 1 or None, found 0"):
         processor(videos=numbered_frames(4), num_frames=0)
     with pytest.raises(ValueError, match="Pass the clips as `videos` or as `images`, not both"):
         processor(videos=numbered_frames(4), images=numbered_frames(4))

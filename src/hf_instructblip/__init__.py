@@ -3,118 +3,139 @@
 `import hf_instructblip` registers our config, model and processor with `AutoConfig`, `AutoModel`,
 `AutoModelForImageTextToText` and `AutoProcessor`, for our folders and official `model_type: instructblip` ones
 (opt out: `use_for_official_checkpoints(False)`), so `AutoModel.from_pretrained(path).generate(...)` works.
+
+Only the model, its configuration and processor are imported with the package: training (Trainer, PEFT, samplers),
+evaluation and publishing load on first use of one of their names (`hf_instructblip.InstructBlipTrainer`), so
+inference pays nothing for them.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .auto import register, use_for_official_checkpoints
-from .evaluate.metrics import (
-    CiderResult,
-    cider_d,
-    exact_match_accuracy,
-    mean_reciprocal_rank,
-    normalize_vqa_answer,
-    roc_auc,
-    target_rank,
-    vqa_accuracy,
-    vqa_example_accuracy,
-)
-from .evaluate.ranking import CandidateRanking, rank_candidates
-from .hub import LocalHubApi, model_card, push_to_hub, push_trainable_to_hub, trainable_card
 from .model.configuration import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
-from .model.modeling import InstructBlipForConditionalGeneration, InstructBlipModel
-from .model.processing import HfInstructBlipProcessor, InstructBlipProcessor, sync_image_token
 from .model.configuration_video import InstructBlipVideoConfig
+from .model.modeling import InstructBlipForConditionalGeneration, InstructBlipModel
 from .model.modeling_video import InstructBlipVideoForConditionalGeneration
-from .model.processing_video import HfInstructBlipVideoProcessor, InstructBlipVideoProcessor
 from .model.pretrained import InstructBlipPreTrainedModel
+from .model.processing import HfInstructBlipProcessor, InstructBlipProcessor, sync_image_token
+from .model.processing_video import HfInstructBlipVideoProcessor, InstructBlipVideoProcessor
 from .model.qformer import InstructBlipQFormerModel
 from .model.vision_encoder import InstructBlipVisionModel
-from .templates import eval_prompt, make_instruction_record, template_family, templates_for
-from .training.collator import InstructBlipDataCollator
-from .training.freezing import (
-    ParameterTable,
-    freeze_for_instruction_tuning,
-    load_trainable_weights,
-    parameter_table,
-    save_trainable_weights,
-    trainable_state_dict,
-)
-from .training.mixture import (
-    InstructionDataset,
-    InstructionMixture,
-    MixtureSource,
-    build_instruction_mixture,
-    most_frequent_answer,
-)
-from .training.sampler import BalancedConcatSampler, SamplerEpochCallback
-from .training.streaming import StreamingInstructionMixture, build_streaming_mixture
-from .training.trainer import InstructBlipTrainer, generation_metrics
-from .training.vision_cache import VisionFeatureCache
+
+# Public names loaded on first use: name -> the module that defines it. `TYPE_CHECKING` below lists the same
+# imports for type checkers and IDEs (a test keeps the two in step).
+_LAZY = {
+    "BalancedConcatSampler": ".training.sampler",
+    "CandidateRanking": ".evaluate.ranking",
+    "CiderResult": ".evaluate.metrics",
+    "InstructBlipDataCollator": ".training.collator",
+    "InstructBlipSFTTrainer": ".training.sft",
+    "InstructBlipTrainer": ".training.trainer",
+    "InstructionDataset": ".training.mixture",
+    "InstructionMixture": ".training.mixture",
+    "LocalHubApi": ".hub",
+    "MixtureSource": ".training.sources",
+    "ParameterTable": ".training.freezing",
+    "SamplerEpochCallback": ".training.sampler",
+    "StreamingInstructionMixture": ".training.streaming",
+    "VisionFeatureCache": ".training.vision_cache",
+    "build_instruction_mixture": ".training.mixture",
+    "build_streaming_mixture": ".training.streaming",
+    "cider_d": ".evaluate.metrics",
+    "eval_prompt": ".templates",
+    "exact_match_accuracy": ".evaluate.metrics",
+    "freeze_for_instruction_tuning": ".training.freezing",
+    "generation_metrics": ".evaluate.generation_metrics",
+    "load_trainable_weights": ".training.freezing",
+    "make_instruction_record": ".templates",
+    "mean_reciprocal_rank": ".evaluate.metrics",
+    "model_card": ".hub",
+    "most_frequent_answer": ".training.sources",
+    "normalize_vqa_answer": ".evaluate.metrics",
+    "parameter_table": ".training.freezing",
+    "push_to_hub": ".hub",
+    "push_trainable_to_hub": ".hub",
+    "rank_candidates": ".evaluate.ranking",
+    "roc_auc": ".evaluate.metrics",
+    "save_trainable_weights": ".training.freezing",
+    "target_rank": ".evaluate.metrics",
+    "template_family": ".templates",
+    "templates_for": ".templates",
+    "trainable_card": ".hub",
+    "trainable_state_dict": ".training.freezing",
+    "vqa_accuracy": ".evaluate.metrics",
+    "vqa_example_accuracy": ".evaluate.metrics",
+}
+
+if TYPE_CHECKING:
+    from .evaluate.generation_metrics import generation_metrics
+    from .evaluate.metrics import (
+        CiderResult,
+        cider_d,
+        exact_match_accuracy,
+        mean_reciprocal_rank,
+        normalize_vqa_answer,
+        roc_auc,
+        target_rank,
+        vqa_accuracy,
+        vqa_example_accuracy,
+    )
+    from .evaluate.ranking import CandidateRanking, rank_candidates
+    from .hub import LocalHubApi, model_card, push_to_hub, push_trainable_to_hub, trainable_card
+    from .templates import eval_prompt, make_instruction_record, template_family, templates_for
+    from .training.collator import InstructBlipDataCollator
+    from .training.freezing import (
+        ParameterTable,
+        freeze_for_instruction_tuning,
+        load_trainable_weights,
+        parameter_table,
+        save_trainable_weights,
+        trainable_state_dict,
+    )
+    from .training.mixture import InstructionDataset, InstructionMixture, build_instruction_mixture
+    from .training.sampler import BalancedConcatSampler, SamplerEpochCallback
+    from .training.sft import InstructBlipSFTTrainer
+    from .training.sources import MixtureSource, most_frequent_answer
+    from .training.streaming import StreamingInstructionMixture, build_streaming_mixture
+    from .training.trainer import InstructBlipTrainer
+    from .training.vision_cache import VisionFeatureCache
 
 register()
 
-__all__ = [
-    "BalancedConcatSampler",
-    "CandidateRanking",
-    "CiderResult",
+_EAGER = [
     "HfInstructBlipProcessor",
     "HfInstructBlipVideoProcessor",
     "InstructBlipConfig",
-    "InstructBlipDataCollator",
     "InstructBlipForConditionalGeneration",
     "InstructBlipModel",
     "InstructBlipPreTrainedModel",
     "InstructBlipProcessor",
     "InstructBlipQFormerConfig",
     "InstructBlipQFormerModel",
-    "InstructBlipTrainer",
-    "InstructBlipVisionConfig",
     "InstructBlipVideoConfig",
     "InstructBlipVideoForConditionalGeneration",
     "InstructBlipVideoProcessor",
+    "InstructBlipVisionConfig",
     "InstructBlipVisionModel",
-    "InstructionDataset",
-    "LocalHubApi",
-    "InstructionMixture",
-    "StreamingInstructionMixture",
-    "MixtureSource",
-    "ParameterTable",
-    "SamplerEpochCallback",
-    "VisionFeatureCache",
-    "build_instruction_mixture",
-    "cider_d",
-    "eval_prompt",
-    "exact_match_accuracy",
-    "freeze_for_instruction_tuning",
-    "build_streaming_mixture",
-    "most_frequent_answer",
-    "generation_metrics",
-    "load_trainable_weights",
-    "make_instruction_record",
-    "mean_reciprocal_rank",
-    "model_card",
-    "normalize_vqa_answer",
-    "parameter_table",
-    "push_to_hub",
-    "push_trainable_to_hub",
-    "rank_candidates",
-    "roc_auc",
-    "save_trainable_weights",
     "sync_image_token",
-    "target_rank",
-    "template_family",
-    "templates_for",
-    "trainable_card",
-    "trainable_state_dict",
-    "vqa_accuracy",
     "use_for_official_checkpoints",
-    "vqa_example_accuracy",
 ]
+# TRL is optional: `InstructBlipSFTTrainer` loads on use but stays out of `from hf_instructblip import *`.
+__all__ = sorted([*_EAGER, *(name for name in _LAZY if name != "InstructBlipSFTTrainer")])
 
 
-def __getattr__(name: str):
-    # TRL is optional: `InstructBlipSFTTrainer` imports it on first use (and stays out of `__all__`).
-    if name == "InstructBlipSFTTrainer":
-        from .training.sft import InstructBlipSFTTrainer
+def __getattr__(name: str) -> Any:
+    """Import a lazily loaded public name's module on first use, then keep the name here."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
-        return InstructBlipSFTTrainer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

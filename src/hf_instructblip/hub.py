@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData, RepoUrl
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 
+from .hub_ids import is_hub_id, repo_id_problem
 from .training.freezing import TRAINABLE_WEIGHTS_NAME, instructblip_base, save_trainable_weights
 
 CARD_NAME = "README.md"
@@ -31,19 +31,8 @@ PAPER = "https://arxiv.org/abs/2305.06500"
 
 
 # --- argument checks ------------------------------------------------------------------------------------------
-def _repo_id_problem(value: Any) -> str | None:
-    """Why `value` is not a Hub repo id by huggingface_hub's own rules, or None when it is one."""
-    if value is None:  # validate_repo_id lets None through (a repo id is optional in its callers)
-        return "a repo id is required"
-    try:
-        validate_repo_id(value)
-    except HFValidationError as err:
-        return str(err)
-    return None
-
-
 def _check_repo_id(name: str, value: Any) -> str:
-    problem = _repo_id_problem(value)
+    problem = repo_id_problem(value)
     if problem is not None:
         raise ValueError(f"`{name}` must be a Hub repo id such as 'user/name', found {value!r} ({problem}).")
     return value
@@ -69,11 +58,6 @@ def _check_processor(processor: Any) -> None:
     if processor is not None and not callable(getattr(processor, "save_pretrained", None)):
         raise TypeError(f"`processor` must have `save_pretrained` (an InstructBlipProcessor) or be None, "
                         f"found {type(processor).__name__}.")
-
-
-def is_hub_id(name: Any) -> bool:
-    """Whether `name` is a full Hub repo id 'owner/name' by huggingface_hub's rules."""
-    return _repo_id_problem(name) is None and "/" in name
 
 
 def _hub_base_model(model: nn.Module) -> str | None:

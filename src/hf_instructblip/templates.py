@@ -110,6 +110,16 @@ def _fill(template: str, slot: str) -> str:
     return template.format(slot)
 
 
+def visual_field(record: Mapping[str, Any]) -> str:
+    """"video" for a video record (a clip, no image), else "image": the one rule for training and evaluation.
+
+    Example:
+        >>> visual_field({"video": ["f0.jpg", "f1.jpg"], "question": "What happens?"})
+        'video'
+    """
+    return "video" if record.get("video") is not None and record.get("image") is None else "image"
+
+
 def make_instruction_record(
     example: Mapping[str, Any], task: str, *, seed: int = 0, index: int = 0, dataset: str | None = None
 ) -> dict[str, Any]:
@@ -128,7 +138,7 @@ def make_instruction_record(
     """
     if not isinstance(example, Mapping):
         raise TypeError(f"example: expected a dict, got {type(example).__name__}")
-    visual = "video" if "video" in example and "image" not in example else "image"  # a clip; its task picks templates
+    visual = visual_field(example)  # a clip's task picks its templates
     if visual not in example:
         raise ValueError(f"example: expected an 'image' (or 'video') field, got fields {sorted(example)}")
     family = template_family(task)

@@ -19,9 +19,8 @@ Example:
 
 from __future__ import annotations
 
-import json
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import PurePath
 from typing import Any
 
@@ -30,18 +29,29 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
-from transformers import GenerationConfig
+from transformers import BatchFeature, GenerationConfig
 
 from ..model.images import load_image
 from ..model.modeling import InstructBlipForConditionalGeneration
-from ..model.processing import InstructBlipProcessor, pad_right
+from ..model.processing import InstructBlipProcessor
+from ..model.validation import check_choice
+from .generation import evaluation_inputs, generate_answers
+from .lmms_eval_requests import (
+    batches_by_length,
+    cut_at_stop_strings,
+    generation_settings,
+    int_arg,
+    parse_dtype,
+    request_args,
+    settings_key,
+    side_by_side,
+)
+from .ranking import rank_candidates
 
 MODEL_NAME = "hf_instructblip"
 GENERATION_DEFAULTS = ("lmms_eval", "checkpoint")
 MULTIPLE_IMAGES = ("concat", "error")
 LOGLIKELIHOOD_SCORES = ("loss", "logprob")
-# Settings that act only when sampling: dropped for greedy / beam search, where transformers would warn about them.
-_SAMPLING_ONLY = ("temperature", "top_p", "top_k", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff")
 # The generation-config fields that say which token is which, kept under the "lmms_eval" defaults.
 _TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "suppress_tokens")
 _VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".wmv", ".m4v"})
@@ -102,12 +112,12 @@ class InstructBlipLmms(lmms):
         super().__init__()
         if not pretrained:
             raise ValueError("`pretrained` is required: pass --model_args pretrained=<checkpoint folder or Hub id>.")
-        self.batch_size_per_gpu = _positive_int("batch_size", batch_size)
+        self.batch_size_per_gpu = int_arg("batch_size", batch_size)
         del max_batch_size  # simple_evaluate passes it for `batch_size=auto`, which we do not support
-        self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
-        self.generation_defaults = _one_of("generation_defaults", generation_defaults, GENERATION_DEFAULTS)
-        self.multiple_images = _one_of("multiple_images", multiple_images, MULTIPLE_IMAGES)
-        self.loglikelihood_score = _one_of("loglikelihood_score", loglikelihood_score, LOGLIKELIHOOD_SCORES)
+        self.max_new_tokens = int_arg("max_new_tokens", max_new_tokens)
+        self.generation_defaults = check_choice("generation_defaults", generation_defaults, GENERATION_DEFAULTS)
+        self.multiple_images = check_choice("multiple_images", multiple_images, MULTIPLE_IMAGES)
+        self.loglikelihood_score = check_choice("loglikelihood_score", loglikelihood_score, LOGLIKELIHOOD_SCORES)
         device_map = device_map or None  # "" from a model_args string means unset
 
         # Data parallel under `accelerate launch`: lmms-eval shares the documents out; each process takes its GPU.
@@ -124,7 +134,7 @@ class InstructBlipLmms(lmms):
 
         revision = None if revision is None else str(revision)  # model_args turn an all-digit revision into an int
         model = InstructBlipForConditionalGeneration.from_pretrained(
-            pretrained, revision=revision, dtype=_dtype(dtype), device_map=device_map,
+            pretrained, revision=revision, dtype=parse_dtype(dtype), device_map=device_map,
             attn_implementation=attn_implementation,
         )
         self._model = (model if device_map is not None else model.to(self._device)).eval()
@@ -167,11 +177,11 @@ class InstructBlipLmms(lmms):
         Requests are grouped by their generation settings and sorted longest prompt first, then run `batch_size`
         at a time; each answer is cut at the first of the request's `until` strings.
         """
-        args = [_request_args(request, 6, "generate_until") for request in requests]
+        args = [request_args(request, 6, "generate_until") for request in requests]
         lengths = [len(self.tokenizer(self._prompt(a[0]))["input_ids"]) for a in args]
         results: list[str | None] = [None] * len(args)
         with tqdm(total=len(args), disable=self.rank != 0, desc="hf_instructblip generate_until") as bar:
-            for batch in _batches(lengths, [_settings_key(a[1]) for a in args], self.batch_size):
+            for batch in batches_by_length(lengths, [settings_key(a[1]) for a in args], self.batch_size):
                 for index, text in zip(batch, self._generate_batch([args[i] for i in batch])):
                     results[index] = text
                     self.cache_hook.add_partial("generate_until", (args[index][0], args[index][1]), text)
@@ -184,11 +194,9 @@ class InstructBlipLmms(lmms):
         if until:
             # Stop each row as soon as it writes a stop string (the cut below still trims the rest of that token).
             settings.update(stop_strings=until, tokenizer=self.tokenizer)
-        inputs = self._inputs(batch)
-        sequences = self._model.generate(**inputs, generation_config=base, **settings)
-        # Decoder-only LLMs return prompt + answer: the processor checks the echo and removes it.
-        echoed = inputs["input_ids"] if self.config.use_decoder_only_language_model else None
-        return [cut_at_stop_strings(text, until) for text in self._processor.post_process_generation(sequences, echoed)]
+        answers = generate_answers(self._model, self._processor, self._inputs(batch), generation_config=base,
+                                   **settings)
+        return [cut_at_stop_strings(text, until) for text in answers]
 
     def _base_generation_config(self) -> GenerationConfig:
         """Where unset generation settings come from (see `generation_defaults` in the class docstring)."""
@@ -217,18 +225,25 @@ class InstructBlipLmms(lmms):
         Decoder-only LLMs score the continuation's tokens as they fall in the tokenized `context + continuation`
         (whitespace at the end of the context moves to the continuation); encoder-decoder LLMs score the
         continuation's own tokens as the decoder's target. No EOS is added.
+        Requests that share a document and a context (a multiple-choice question's choices) are scored as the
+        candidates of one example by `rank_candidates`: the image and the context run once for all of them.
         """
-        rows = [self._loglikelihood_row(_request_args(request, 6, "loglikelihood")) for request in requests]
-        lengths = [len(row["prompt_ids"]) + len(row["continuation_ids"]) for row in rows]
+        rows = [self._loglikelihood_row(request_args(request, 6, "loglikelihood")) for request in requests]
+        examples: dict[tuple, list[int]] = {}  # (context, document) -> its requests
+        for index, row in enumerate(rows):
+            examples.setdefault((row["context"], row["visual"]), []).append(index)
+        groups = list(examples.values())
+        lengths = [len(rows[group[0]]["prompt_ids"]) for group in groups]
         results: list[tuple[float, bool] | None] = [None] * len(rows)
         with tqdm(total=len(rows), disable=self.rank != 0, desc="hf_instructblip loglikelihood") as bar:
-            for batch in _batches(lengths, [None] * len(rows), self.batch_size):
-                scores = self._score_batch([rows[i] for i in batch])
-                for index, score in zip(batch, scores):
-                    results[index] = score
-                    self.cache_hook.add_partial("loglikelihood", (rows[index]["context"], rows[index]["continuation"]),
-                                                score)
-                bar.update(len(batch))
+            for batch in batches_by_length(lengths, [None] * len(groups), self.batch_size):
+                for group, scores in zip((groups[k] for k in batch), self._score_examples([groups[k] for k in batch],
+                                                                                            rows)):
+                    for index, score in zip(group, scores):
+                        results[index] = score
+                        self.cache_hook.add_partial("loglikelihood",
+                                                    (rows[index]["context"], rows[index]["continuation"]), score)
+                    bar.update(len(group))
         return results
 
     def _loglikelihood_row(self, args: tuple) -> dict[str, Any]:
@@ -256,31 +271,20 @@ class InstructBlipLmms(lmms):
         return dict(context=context, continuation=continuation, continuation_ids=continuation_ids,
                     prompt_ids=prompt_ids, visual=(doc_to_visual, doc_id, task, split))
 
-    @torch.no_grad()
-    def _score_batch(self, rows: list[dict[str, Any]]) -> list[tuple[float, bool]]:
-        inputs = self._inputs([(row["context"], None, *row["visual"]) for row in rows])
-        targets = [torch.tensor(row["continuation_ids"], device=self._device) for row in rows]
-        if self.config.use_decoder_only_language_model:
-            # One right-padded row per request: the unpadded prompt, then the continuation. Right padding keeps every
-            # row's positions at 0.. as when it runs alone; the logit before each continuation token predicts it.
-            prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
-            ids, mask = pad_right([p + row["continuation_ids"] for p, row in zip(prompts, rows)],
-                                  self.tokenizer.pad_token_id or 0, self._device)
-            logits = self._model(**{**inputs, "input_ids": ids, "attention_mask": mask}).logits  # [B, L, V]
-            per_row = [logits[i, len(p) - 1 : len(p) - 1 + len(t)] for i, (p, t) in enumerate(zip(prompts, targets))]
-        else:
-            labels, label_mask = pad_right([row["continuation_ids"] for row in rows], 0, self._device)
-            decoder_input_ids = self._model.language_model.prepare_decoder_input_ids_from_labels(
-                labels=labels.masked_fill(label_mask == 0, -100))
-            logits = self._model(**inputs, decoder_input_ids=decoder_input_ids).logits  # [B, T, V]
-            per_row = [logits[i, : len(t)] for i, t in enumerate(targets)]
-        scores = []
-        for row_logits, target in zip(per_row, targets):
-            log_probs = row_logits.float().log_softmax(dim=-1)  # [T, V]
-            total = log_probs.gather(-1, target.unsqueeze(-1)).sum().item()
-            score = total if self.loglikelihood_score == "logprob" else -total / len(target)
-            scores.append((score, bool((log_probs.argmax(dim=-1) == target).all())))
-        return scores
+    def _score_examples(self, groups: list[list[int]], rows: list[dict[str, Any]]) -> list[list[tuple[float, bool]]]:
+        """`(score, is_greedy)` of every request of each group, a group being one example whose candidates are its
+        requests' continuations."""
+        first = [rows[group[0]] for group in groups]
+        inputs = self._inputs([(row["context"], None, *row["visual"]) for row in first])
+        ranking = rank_candidates(self._model, **inputs,
+                                  candidates=[[rows[i]["continuation_ids"] for i in group] for group in groups])
+        scored = []
+        for group, sums, greedy in zip(groups, ranking.scores, ranking.greedy):
+            lengths = [len(rows[i]["continuation_ids"]) for i in group]
+            values = sums.tolist() if self.loglikelihood_score == "logprob" else \
+                [-total / length for total, length in zip(sums.tolist(), lengths)]
+            scored.append(list(zip(values, greedy.tolist())))
+        return scored
 
     # --- inputs -----------------------------------------------------------------------------------------
     def _prompt(self, context: str) -> str:
@@ -290,11 +294,10 @@ class InstructBlipLmms(lmms):
             raise TypeError(f"A request's context must be a string, found {type(context).__name__}: {context!r}.")
         return context.replace(self._processor.image_token, "").lstrip()
 
-    def _inputs(self, batch: Sequence[tuple]) -> dict[str, torch.Tensor]:
+    def _inputs(self, batch: Sequence[tuple]) -> BatchFeature:
         """Processor tensors (left-padded prompts) for `(context, _, doc_to_visual, doc_id, task, split)` rows."""
-        images = [self._image(*row[2:6]) for row in batch]
-        inputs = self._processor(images=images, text=[self._prompt(row[0]) for row in batch], return_tensors="pt")
-        return inputs.to(self._device, dtype=self._model.dtype)  # BatchFeature: casts only the pixels
+        return evaluation_inputs(self._model, self._processor, [self._prompt(row[0]) for row in batch],
+                                 images=[self._image(*row[2:6]) for row in batch])
 
     def _image(self, doc_to_visual: Callable, doc_id: int, task: str, split: str) -> Image.Image:
         """The document's one image (several are put side by side, or refused, per `multiple_images`)."""
@@ -324,116 +327,3 @@ class InstructBlipLmms(lmms):
             warnings.warn(f"hf_instructblip: {message}", stacklevel=3)
 
 
-# --- helpers (plain functions, tested on their own) ---------------------------------------------------------
-def generation_settings(
-    gen_kwargs: Mapping[str, Any] | None, warn: Callable[[str, str], None] | None = None
-) -> tuple[dict[str, Any], list[str]]:
-    """A task's `generation_kwargs` -> (`generate` keywords, stop strings).
-
-    As lmms-eval's models read them: `until` (a string or a list) are stop strings; `temperature` 0 means greedy
-    and a positive one means sampling unless `do_sample` says otherwise; None values mean "not set". Settings that
-    only act when sampling are dropped otherwise. Keys that are no generation setting (e.g. "image_aspect_ratio", for
-    other models) are dropped, with a warning.
-
-    Example:
-        >>> generation_settings({"until": "\\n", "temperature": 0, "top_p": None, "max_new_tokens": 16})
-        ({'max_new_tokens': 16, 'do_sample': False}, ['\\n'])
-    """
-    settings = {k: v for k, v in dict(gen_kwargs or {}).items() if v is not None}
-    until = settings.pop("until", [])
-    if isinstance(until, str):
-        until = [until]
-    if not isinstance(until, (list, tuple)) or not all(isinstance(u, str) for u in until):
-        raise TypeError(f"`until` in generation_kwargs must be a string or a list of strings, found {until!r}.")
-    known = GenerationConfig().to_dict()
-    for key in [k for k in settings if k not in known]:
-        if warn is not None:
-            warn(f"gen:{key}", f"generation_kwargs[{key!r}] is no transformers generation setting; ignored.")
-        del settings[key]
-    temperature = settings.get("temperature")
-    if "do_sample" not in settings and temperature is not None:
-        settings["do_sample"] = temperature > 0
-    if temperature == 0:  # lmms-eval's way of saying greedy, whatever `do_sample` says
-        settings["do_sample"] = False
-    if settings.get("do_sample") is False:
-        for key in _SAMPLING_ONLY:
-            settings.pop(key, None)
-    return settings, [u for u in until if u]
-
-
-def cut_at_stop_strings(text: str, until: Sequence[str]) -> str:
-    """`text` up to the first occurrence of any stop string, stripped.
-
-    Example:
-        >>> cut_at_stop_strings("yes.\\nQuestion: no", ["\\n", "Question:"])
-        'yes.'
-    """
-    end = min([text.find(stop) for stop in until if stop in text], default=len(text))
-    return text[:end].strip()
-
-
-def side_by_side(images: Sequence[Image.Image]) -> Image.Image:
-    """Images in a row on a white canvas, each scaled to the tallest one's height (aspect ratio kept)."""
-    height = max(image.height for image in images)
-    scaled = [image.resize((max(1, round(image.width * height / image.height)), height)) for image in images]
-    canvas = Image.new("RGB", (sum(image.width for image in scaled), height), (255, 255, 255))
-    x = 0
-    for image in scaled:
-        canvas.paste(image, (x, 0))
-        x += image.width
-    return canvas
-
-
-def _batches(lengths: Sequence[int], groups: Sequence[Any], size: int) -> Iterator[list[int]]:
-    """Indices in batches of at most `size`, never mixing groups, longest first within a group (as lmms-eval's
-    models: a too-large batch fails at once, and rows of similar length waste little padding)."""
-    members: dict[Any, list[int]] = {}
-    for index, group in enumerate(groups):
-        members.setdefault(group, []).append(index)
-    for indices in members.values():
-        indices = sorted(indices, key=lambda i: -lengths[i])  # stable: equal lengths keep request order
-        for start in range(0, len(indices), size):
-            yield indices[start : start + size]
-
-
-def _settings_key(gen_kwargs: Any) -> str:
-    """A hashable stand-in for a request's generation settings (requests batch together only when equal)."""
-    return json.dumps(gen_kwargs, sort_keys=True, default=repr)
-
-
-def _request_args(request: Instance, expected: int, kind: str) -> tuple:
-    args = request.args
-    if len(args) != expected:
-        second = "gen_kwargs" if kind == "generate_until" else "continuation"
-        raise ValueError(
-            f"A `{kind}` request must hold {expected} arguments (context, {second}, doc_to_visual, doc_id, task, "
-            f"split), found {len(args)}: {args!r}. Requests without an image (e.g. the unconditional ones of "
-            "`acc_mutual_info`) are not supported: InstructBLIP needs an image."
-        )
-    return args
-
-
-def _positive_int(name: str, value: Any) -> int:
-    """An int >= 1, or its decimal string (model_args arrive as strings)."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        hint = " ('auto' batch sizes are not supported)" if str(value).startswith("auto") else ""
-        raise ValueError(f"`{name}` must be a positive integer{hint}, found {value!r}.")
-    return value
-
-
-def _one_of(name: str, value: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {list(choices)}, found {value!r}.")
-    return value
-
-
-def _dtype(value: str | torch.dtype) -> str | torch.dtype:
-    """"auto", a torch dtype or its name ("bfloat16") -> what `from_pretrained(dtype=...)` takes."""
-    if isinstance(value, torch.dtype) or value == "auto":
-        return value
-    dtype = getattr(torch, str(value), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"`dtype` must be 'auto' or a torch dtype name such as 'bfloat16', found {value!r}.")
-    return dtype

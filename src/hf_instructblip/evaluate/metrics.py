@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
@@ -244,3 +245,20 @@ def cider_d(
                 total += dot * penalty / n
         scores.append(10.0 * total / len(refs))
     return CiderResult(score=float(np.mean(scores)), scores=scores)
+
+
+def caption_tokens(text: str) -> list[str]:
+    """Lower-cased words without punctuation, close to the PTB tokenisation COCO's CIDEr runs on."""
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+
+
+# --- the one metric table ----------------------------------------------------------------------------------------
+# Metric name (as in `templates.HELD_OUT_METRICS`) -> score of generated texts against their references. The runner
+# (`evaluate.tasks`) and evaluation during training (`generation_metrics`) both score through it, so the same task
+# gives the same number everywhere (CIDEr-D always on `caption_tokens`).
+TEXT_METRICS: Mapping[str, Callable[[Sequence[str], Sequence], float]] = MappingProxyType({
+    "vqa_accuracy": vqa_accuracy,
+    "ivqa_accuracy": ivqa_accuracy,
+    "exact_match": exact_match_accuracy,
+    "cider": lambda predictions, references: cider_d(predictions, references, tokenize=caption_tokens).score,
+})

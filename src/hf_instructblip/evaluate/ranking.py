@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from ..model.processing import pad_right
+from ..model.layout import pad_right
+from ..model.validation import check_choice, check_int
 
 REDUCTIONS = ("sum", "mean")
 
@@ -25,10 +26,13 @@ class CandidateRanking:
 
     `scores[i]`: float32 `[C_i]` log-likelihood of each candidate (summed or averaged over its tokens; higher is
     better). `ranking[i]`: candidate indices, best first (ties keep input order). `best`: `ranking[i][0]`.
+    `greedy[i]`: bool `[C_i]`, whether every token of the candidate is the LLM's most likely one given the image,
+    the prompt and the candidate's tokens before it (lmms-eval's `is_greedy`).
     """
 
     scores: list[torch.Tensor]
     ranking: list[list[int]]
+    greedy: list[torch.Tensor]
 
     @property
     def best(self) -> list[int]:
@@ -58,10 +62,8 @@ def rank_candidates(
         >>> result = rank_candidates(model, **inputs, candidates=[["cat", "dog"]], tokenizer=processor.tokenizer)
         >>> result.best  # [1] if "dog" is the likelier answer
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, found {reduction!r}.")
-    if candidate_batch_size is not None and (not isinstance(candidate_batch_size, int) or candidate_batch_size < 1):
-        raise ValueError(f"`candidate_batch_size` must be a positive int or None, found {candidate_batch_size!r}.")
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_int("candidate_batch_size", candidate_batch_size, allow_none=True)
     if input_ids is None:
         raise ValueError("`input_ids` is required: the prompt, holding the image placeholders, that candidates follow.")
     batch = pixel_values.shape[0]
@@ -81,12 +83,13 @@ def rank_candidates(
         log_likelihoods = _decoder_only_log_likelihoods
     else:
         log_likelihoods = _encoder_decoder_log_likelihoods
-    scores = log_likelihoods(model.language_model, embeds, attention_mask, candidate_ids, candidate_batch_size)
+    scored = log_likelihoods(model.language_model, embeds, attention_mask, candidate_ids, candidate_batch_size)
+    scores, greedy = [s for s, _ in scored], [g for _, g in scored]
     if reduction == "mean":
         lengths = [torch.tensor([len(ids) for ids in options], dtype=torch.float32) for options in candidate_ids]
         scores = [s / n for s, n in zip(scores, lengths)]
     ranking = [torch.sort(s, descending=True, stable=True).indices.tolist() for s in scores]
-    return CandidateRanking(scores=scores, ranking=ranking)
+    return CandidateRanking(scores=scores, ranking=ranking, greedy=greedy)
 
 
 # --- candidates -----------------------------------------------------------------------------------------------
@@ -133,10 +136,14 @@ def _chunks(items: list, size: int | None) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def _token_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over tokens of log p(target); `logits` `[N, T, V]` predict `targets` `[N, T]`. Returns `[N]` float32."""
-    log_probs = logits.float().log_softmax(dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, T]
-    return (log_probs * mask).sum(dim=1)
+def _token_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logits` `[N, T, V]` predict `targets` `[N, T]` (`mask` 1 on real tokens): the summed log p(target) `[N]`
+    float32 and whether every real target is the argmax `[N]` bool, both on the CPU."""
+    log_probs = logits.float().log_softmax(dim=-1)  # [N, T, V]
+    target_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, T]
+    greedy = ((log_probs.argmax(dim=-1) == targets) | (mask == 0)).all(dim=1)  # [N]
+    return (target_log_probs * mask).sum(dim=1).cpu(), greedy.cpu()
 
 
 # --- the two LLM kinds -------------------------------------------------------------------------------------------
@@ -155,8 +162,9 @@ def _output_cache(outputs, llm):
 
 def _decoder_only_log_likelihoods(
     llm, embeds: torch.Tensor, attention_mask: torch.Tensor, candidates: list[list[list[int]]], chunk: int | None
-) -> list[torch.Tensor]:
-    """Per example: run the unpadded prompt once, then all candidates on copies of its KV cache."""
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per example: run the unpadded prompt once, then all candidates on copies of its KV cache. Returns per example
+    (summed log-likelihoods `[C]`, greedy flags `[C]`)."""
     sums = []
     for i, options in enumerate(candidates):
         # Dropping the padding keeps positions 0..P-1, so scores do not depend on how the batch was padded.
@@ -177,14 +185,15 @@ def _decoder_only_log_likelihoods(
             # Position t of the candidate pass predicts token t + 1; token 0 comes from the prompt's last position.
             logits = torch.cat([first_logits.expand(len(part), -1, -1), out.logits[:, :-1]], dim=1)  # [C, T, V]
             example_sums.append(_token_log_likelihood(logits, ids, mask))
-        sums.append(torch.cat(example_sums).cpu())
+        sums.append(tuple(torch.cat(parts) for parts in zip(*example_sums)))
     return sums
 
 
 def _encoder_decoder_log_likelihoods(
     llm, embeds: torch.Tensor, attention_mask: torch.Tensor, candidates: list[list[list[int]]], chunk: int | None
-) -> list[torch.Tensor]:
-    """Run the encoder once for the batch, then score (example, candidate) pairs in batched decoder calls."""
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run the encoder once for the batch, then score (example, candidate) pairs in batched decoder calls. Returns per
+    example (summed log-likelihoods `[C]`, greedy flags `[C]`)."""
     encoder_states = llm.get_encoder()(
         inputs_embeds=embeds, attention_mask=attention_mask, return_dict=True
     ).last_hidden_state  # [B, L, D]
@@ -197,5 +206,7 @@ def _encoder_decoder_log_likelihoods(
         out = llm(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states[rows]),
                   attention_mask=attention_mask[rows], decoder_input_ids=decoder_input_ids, use_cache=False,
                   return_dict=True)
-        flat.append(_token_log_likelihood(out.logits, targets, mask).cpu())  # [N]
-    return list(torch.cat(flat).split([len(options) for options in candidates]))
+        flat.append(_token_log_likelihood(out.logits, targets, mask))  # [N], [N]
+    sizes = [len(options) for options in candidates]
+    sums, greedy = (torch.cat(parts).split(sizes) for parts in zip(*flat))
+    return list(zip(sums, greedy))

@@ -23,11 +23,14 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import BatchFeature
 
-from ..hub import is_hub_id
+from ..hub_ids import is_hub_id
 from ..json_lines import iter_json_lines
 from ..model.images import load_image
+from ..model.validation import check_choice, check_int
 from .data_parallel import Processes, RowCounter, launched_processes, merge_parts, part_files
+from .generation import evaluation_inputs, generate_answers
 from .ranking import REDUCTIONS, rank_candidates
 from .tasks import TASKS, Example, TaskSpec, compute_metric, id_key, load_records, prepare_examples, task_spec
 from .video import VIDEO_TASKS, check_video_processor
@@ -109,26 +112,22 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
 
 
 # --- running the model ----------------------------------------------------------------------------------
-def _model_inputs(model, processor, batch: list[Example]) -> dict[str, torch.Tensor]:
-    if batch[0].video is not None:  # video tasks: frame paths; the processor samples and reads `num_frames` of them
-        visual = {"videos": [e.video for e in batch]}
-    else:
-        visual = {"images": [load_image(e.image) for e in batch]}
-    inputs = processor(**visual, text=[e.prompt for e in batch], padding="longest", return_tensors="pt")
-    return inputs.to(model.device, dtype=model.dtype)  # BatchFeature: casts the float tensors (pixels) only
+def example_inputs(model, processor, batch: list[Example]) -> BatchFeature:
+    """The processor's tensors for a batch of examples: images loaded, or clips' frame paths (the processor samples
+    and reads `num_frames` of them)."""
+    prompts = [e.prompt for e in batch]
+    if batch[0].video is not None:
+        return evaluation_inputs(model, processor, prompts, videos=[e.video for e in batch])
+    return evaluation_inputs(model, processor, prompts, images=[load_image(e.image) for e in batch])
 
 
 def _generate_batch(model, processor, batch: list[Example], generation: Mapping[str, Any]) -> list[dict]:
-    inputs = _model_inputs(model, processor, batch)
-    sequences = model.generate(**inputs, **generation)
-    # Decoder-only LLMs echo the prompt ([B, L + new]); encoder-decoder ones return only the answer.
-    echoed = inputs["input_ids"] if model.config.use_decoder_only_language_model else None
-    texts = processor.post_process_generation(sequences, echoed)
+    texts = generate_answers(model, processor, example_inputs(model, processor, batch), **generation)
     return [{"prediction": text} for text in texts]
 
 
 def _rank_batch(model, processor, batch: list[Example], reduction: str, candidate_batch_size: int | None) -> list[dict]:
-    inputs = _model_inputs(model, processor, batch)
+    inputs = example_inputs(model, processor, batch)
     result = rank_candidates(model, **inputs, candidates=[e.candidates for e in batch], reduction=reduction,
                              tokenizer=processor.tokenizer, candidate_batch_size=candidate_batch_size)
     return [{"candidates": e.candidates, "scores": scores.tolist(), "best": order[0],
@@ -137,24 +136,16 @@ def _rank_batch(model, processor, batch: list[Example], reduction: str, candidat
 
 
 # --- the runner -----------------------------------------------------------------------------------------
-def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int{' or None' if allow_none else ''}, found {value!r}.")
-
-
 def _prepare(
     task: str, records: Sequence[Mapping[str, Any]], predictions_path: Path, *, batch_size: int, limit: int | None,
     generation_kwargs: Mapping[str, Any] | None, reduction: str, candidate_batch_size: int | None,
 ) -> tuple[TaskSpec, list[Example], dict[str, dict[str, Any]], dict[str, Any]]:
     """Everything checked before a model call: arguments, every record, the rows already in the predictions file."""
     spec = task_spec(task)
-    _check_positive("batch_size", batch_size)
-    _check_positive("limit", limit, allow_none=True)
-    _check_positive("candidate_batch_size", candidate_batch_size, allow_none=True)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, found {reduction!r}.")
+    check_int("batch_size", batch_size)
+    check_int("limit", limit, allow_none=True)
+    check_int("candidate_batch_size", candidate_batch_size, allow_none=True)
+    check_choice("reduction", reduction, REDUCTIONS)
     if generation_kwargs is not None and not isinstance(generation_kwargs, Mapping):
         raise TypeError(f"`generation_kwargs` must be a dict or None, found {type(generation_kwargs).__name__}.")
     examples = prepare_examples(task, records[:limit] if limit is not None else records)
@@ -239,10 +230,11 @@ def _finish(processes: Processes, task: str, spec: TaskSpec, examples: list[Exam
 
 # --- command line ---------------------------------------------------------------------------------------
 def _positive_int(text: str) -> int:
-    value = int(text)  # argparse turns the ValueError of a non-number into "invalid _positive_int value"
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {value}")
-    return value
+    """argparse type: argparse turns the ValueError of a non-number into "invalid _positive_int value"."""
+    try:
+        return check_int("value", int(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,7 +10,6 @@ or a list of frame paths (see `evaluate.video`).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,17 @@ from types import MappingProxyType
 from typing import Any
 
 from ..json_lines import iter_json_lines
-from ..templates import HELD_OUT, HELD_OUT_METRICS, RANKING_DATASETS, category_of, eval_prompt, generation_preset
-from .metrics import cider_d, exact_match_accuracy, ivqa_accuracy, mean_reciprocal_rank, roc_auc, vqa_accuracy
-from .video import is_video_record, resolve_video, video_frames
+from ..templates import (
+    HELD_OUT,
+    HELD_OUT_METRICS,
+    RANKING_DATASETS,
+    category_of,
+    eval_prompt,
+    generation_preset,
+    visual_field,
+)
+from .metrics import TEXT_METRICS, exact_match_accuracy, mean_reciprocal_rank, roc_auc
+from .video import resolve_video, video_frames
 
 HATEFUL_CANDIDATES = ("no", "yes")  # index 1 = hateful; its log-odds is the AUC score
 
@@ -71,7 +78,7 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     records, lines = [], {}
     for number, record in iter_json_lines(path):
         where = f"{path}, line {number}"
-        if is_video_record(record):  # frames resolved against the file's folder too
+        if visual_field(record) == "video":  # frames resolved against the file's folder too
             record["video"] = resolve_video(record["video"], path.parent, where)
         elif not isinstance(record.get("image"), str) or not record["image"]:
             raise ValueError(f"{where}: expected an 'image' path (str), found {record.get('image')!r}.")
@@ -190,21 +197,18 @@ def prepare_examples(task: str, records: Sequence[Mapping[str, Any]]) -> list[Ex
 
 
 # --- metrics --------------------------------------------------------------------------------------------
-def caption_tokens(text: str) -> list[str]:
-    """Lower-cased words without punctuation, close to the PTB tokenisation COCO's CIDEr runs on."""
-    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
-
-
 def _texts(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return [row["prediction"] for row in rows]
 
 
-# Metric name (as in `templates.HELD_OUT_METRICS`) -> score of the predictions-file rows against the references.
+def _text_scorer(metric: str) -> Callable[[Sequence[Mapping[str, Any]], list], float]:
+    return lambda rows, refs: TEXT_METRICS[metric](_texts(rows), refs)
+
+
+# Metric name (as in `templates.HELD_OUT_METRICS`) -> score of the predictions-file rows against the references:
+# generated texts through the one table `metrics.TEXT_METRICS`, ranked candidates from their scores.
 SCORERS: Mapping[str, Callable[[Sequence[Mapping[str, Any]], list], float]] = MappingProxyType({
-    "vqa_accuracy": lambda rows, refs: vqa_accuracy(_texts(rows), refs),
-    "ivqa_accuracy": lambda rows, refs: ivqa_accuracy(_texts(rows), refs),
-    "exact_match": lambda rows, refs: exact_match_accuracy(_texts(rows), refs),
-    "cider": lambda rows, refs: cider_d(_texts(rows), refs, tokenize=caption_tokens).score,
+    **{metric: _text_scorer(metric) for metric in TEXT_METRICS},
     "accuracy": lambda rows, refs: exact_match_accuracy([row["best"] for row in rows], refs, normalize=None),
     "mrr": lambda rows, refs: mean_reciprocal_rank([row["scores"] for row in rows], refs),
     # score = log p(hateful) - log p(not hateful)

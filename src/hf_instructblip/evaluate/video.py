@@ -13,13 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..model.processing_video import list_frames
-from ..templates import CATEGORIES
+from ..templates import CATEGORIES, visual_field
 
 VIDEO_TASKS: frozenset[str] = frozenset(CATEGORIES["video_question_answering"])
-
-
-def is_video_record(record: Mapping[str, Any]) -> bool:
-    return record.get("video") is not None and record.get("image") is None
 
 
 def resolve_video(value: Any, root: str | os.PathLike | None, where: str) -> list[str]:
@@ -58,7 +54,7 @@ def check_video_processor(processor: Any, task: str) -> None:
 def video_frames(task: str, record: Mapping[str, Any], where: str) -> list[str] | None:
     """The frame paths of a video task's record (checked); None for image tasks, which refuse video records."""
     if task not in VIDEO_TASKS:
-        if is_video_record(record):
+        if visual_field(record) == "video":
             raise ValueError(f"{where}: task {task!r} takes an 'image'; 'video' records are for the video tasks "
                              f"{sorted(VIDEO_TASKS)}.")
         return None

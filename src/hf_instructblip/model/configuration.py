@@ -9,6 +9,8 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .validation import check_int
+
 # `model_type` written by transformers' own InstructBLIP; we read its config files as ours.
 OFFICIAL_MODEL_TYPE = "instructblip"
 
@@ -34,9 +36,7 @@ def _text_config(kwargs: dict) -> PretrainedConfig:
 def check_positive_int(config: PretrainedConfig, *names: str) -> None:
     """Each `config.<name>` is an int >= 1 (0 queries would silently ignore the image, a 0 frequency divides by 0)."""
     for name in names:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an int >= 1, found {value!r}.")
+        check_int(name, getattr(config, name))
 
 
 def check_heads(config: PretrainedConfig) -> None:

@@ -7,59 +7,26 @@ image-placeholder tokens (`config.image_token_index`) that the processor put in 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig, GenerationMixin
-from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration import InstructBlipConfig
+from .image_features import ImageFeaturesMixin
 from .inputs import check_call, image_placeholder_mask
+from .language_body import LanguageBody
+from .layout import prepend_image_placeholders
 from .loss import language_model_loss
+from .outputs import InstructBlipForConditionalGenerationModelOutput, InstructBlipModelOutput
 from .pretrained import InstructBlipPreTrainedModel
-from .processing import prepend_image_placeholders
 from .qformer import InstructBlipQFormerModel
 from .vision_encoder import InstructBlipVisionModel
 
 
-@dataclass
-class InstructBlipImageFeatures(BaseModelOutputWithPooling):
-    """As transformers 5's `get_image_features`: `pooler_output` holds the image features in LLM space `[B, Q, D_llm]`,
-    `last_hidden_state` / `hidden_states` the vision encoder's; both encoders' outputs come alongside."""
-
-    vision_outputs: ModelOutput | None = None
-    qformer_outputs: ModelOutput | None = None
-
-
-@dataclass
-class InstructBlipForConditionalGenerationModelOutput(ModelOutput):
-    """With `labels`: `loss` and `token_losses` (detached float32 cross-entropy per label position `[B, N]`, 0 where
-    unlabelled; decoder-only: position t scores label t + 1, `N = L - 1`). `logits` is None exactly when the call
-    asked for `fused_head_loss=True` with `labels`; otherwise it holds the LLM's logits."""
-
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    token_losses: torch.FloatTensor | None = None
-    vision_outputs: BaseModelOutput | None = None
-    qformer_outputs: BaseModelOutput | None = None
-    language_model_outputs: ModelOutput | None = None
-
-
-@dataclass
-class InstructBlipModelOutput(ModelOutput):
-    """`last_hidden_state` `[B, L, D_llm]`: the LLM body's last hidden states (its decoder's for an encoder-decoder
-    LLM), what a fused LM head (TRL, Liger) reads; the three parts' own outputs (the LLM's with its cache) come
-    alongside."""
-
-    last_hidden_state: torch.FloatTensor | None = None
-    vision_outputs: BaseModelOutput | None = None
-    qformer_outputs: BaseModelOutput | None = None
-    language_model_outputs: ModelOutput | None = None
-
-
-class InstructBlipModel(InstructBlipPreTrainedModel):
+class InstructBlipModel(ImageFeaturesMixin, InstructBlipPreTrainedModel):
     """InstructBLIP without the LM head: vision encoder -> Q-Former -> projection -> the LLM's body, returning its
     last hidden states. It loads the full model's checkpoints (their LLM body weights; the head's are skipped).
 
@@ -132,78 +99,6 @@ class InstructBlipModel(InstructBlipPreTrainedModel):
 
     def get_decoder(self):
         return self.language_model.get_decoder()
-
-    # --- image -> LLM-space features ----------------------------------------------------------------
-    def get_image_features(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        qformer_input_ids: torch.Tensor | None = None,
-        qformer_attention_mask: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool = False,
-        image_embeds: torch.Tensor | None = None,
-        **kwargs,
-    ) -> InstructBlipImageFeatures:
-        """Images (+ instruction for the Q-Former) -> `pooler_output` `[B, Q, D_llm]`. `image_embeds` `[B, N, D_vision]`
-        (the vision encoder's `last_hidden_state`, e.g. from a feature cache) replace `pixel_values` when given.
-        `output_attentions` / `output_hidden_states` reach the vision encoder and the Q-Former."""
-        recorded = {key: kwargs[key] for key in ("output_attentions", "output_hidden_states") if key in kwargs}
-        vision_outputs = self._vision_outputs(pixel_values, interpolate_pos_encoding, image_embeds, **recorded)
-        image_embeds = vision_outputs.last_hidden_state  # [B, N, D_vision]
-        batch = image_embeds.shape[0]
-        queries = self.query_tokens.expand(batch, -1, -1)  # [B, Q, D_qformer]
-        input_ids, mask = self._qformer_text(qformer_input_ids, qformer_attention_mask, batch)
-        if mask is not None:
-            query_mask = torch.ones(queries.shape[:2], dtype=mask.dtype, device=mask.device)
-            mask = torch.cat([query_mask, mask], dim=1)  # [B, Q + T]
-        qformer_outputs = self.qformer(
-            input_ids=input_ids, attention_mask=mask, query_embeds=queries, encoder_hidden_states=image_embeds,
-            return_dict=True, **recorded,
-        )
-        query_output = qformer_outputs.last_hidden_state[:, : queries.shape[1]]  # [B, Q, D_qformer]
-        features = InstructBlipImageFeatures(
-            last_hidden_state=image_embeds,
-            pooler_output=self.language_projection(query_output),  # [B, Q, D_llm]
-            hidden_states=vision_outputs.hidden_states,
-            attentions=vision_outputs.attentions,
-            vision_outputs=vision_outputs,
-            qformer_outputs=qformer_outputs,
-        )
-        return self._returned(features, kwargs.get("return_dict"))
-
-    def _vision_outputs(
-        self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool, image_embeds: torch.Tensor | None,
-        **recorded: bool,
-    ) -> BaseModelOutput:
-        """The vision encoder's outputs for `pixel_values`, or `image_embeds` passed in their place."""
-        if image_embeds is None:
-            if pixel_values is None:
-                raise ValueError("`pixel_values` is required (or precomputed vision features as `image_embeds`).")
-            return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True,
-                                     **recorded)
-        expected = self.config.vision_config.hidden_size
-        if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3 or image_embeds.shape[-1] != expected:
-            found = list(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds).__name__
-            raise ValueError(f"`image_embeds` must be the vision encoder's features [batch, tokens, {expected}], "
-                             f"found {found}.")
-        return BaseModelOutput(last_hidden_state=image_embeds.to(self.vision_model.dtype))
-
-    def _qformer_text(
-        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch: int
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The instruction the Q-Former reads: required when instruction-aware, dropped otherwise (BLIP-2)."""
-        if not self.config.instruction_aware:
-            return None, None
-        if input_ids is None:
-            raise ValueError(
-                "`qformer_input_ids` is required: this model is instruction-aware (config.instruction_aware=True) "
-                "and its Q-Former reads the instruction. Pass the processor's `qformer_input_ids`."
-            )
-        if input_ids.dim() != 2 or input_ids.shape[0] != batch:
-            raise ValueError(f"`qformer_input_ids` must have shape [{batch}, length] (one row per image), found "
-                             f"{list(input_ids.shape)}.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        return input_ids, attention_mask
 
     # --- placeholders -> embeddings -------------------------------------------------------------------
     def prepare_llm_inputs(
@@ -305,32 +200,6 @@ class InstructBlipModel(InstructBlipPreTrainedModel):
         return self._returned(output, return_dict)
 
 
-class _LanguageBody:
-    """`base_model` of the full model: calling it runs `InstructBlipModel.forward` on the full model's own modules
-    (the LLM without its head), as TRL's and Liger's fused heads do before applying the head themselves. Not a
-    module of its own, so the state dict keeps the full model's layout."""
-
-    _tp_plan = None
-    _pp_plan = None
-
-    def __init__(self, model: "InstructBlipForConditionalGeneration"):
-        self._model = model
-
-    def __call__(self, *args, **kwargs) -> InstructBlipModelOutput:
-        if not self._model.config.use_decoder_only_language_model:
-            # Fused heads score position t against label t + 1 and apply the head to these states as they are:
-            # wrong for T5, whose decoder position t predicts label t (and whose tied head rescales them first).
-            raise ValueError(
-                "The full model's `base_model` serves fused LM heads of decoder-only LLMs (TRL, Liger). With an "
-                "encoder-decoder LLM use InstructBlipModel for the decoder's hidden states, and "
-                "hf_instructblip.InstructBlipSFTTrainer (the model's own loss) to train with TRL."
-            )
-        return InstructBlipModel.forward(self._model, *args, **kwargs)
-
-    def get_image_features(self, *args, **kwargs) -> InstructBlipImageFeatures:
-        return self._model.get_image_features(*args, **kwargs)
-
-
 class InstructBlipForConditionalGeneration(InstructBlipModel, GenerationMixin):
     """InstructBLIP with its LLM, for training (`labels` -> loss) and `generate`.
 
@@ -351,9 +220,9 @@ class InstructBlipForConditionalGeneration(InstructBlipModel, GenerationMixin):
         return llm_class.from_config(config.text_config)
 
     @property
-    def base_model(self) -> _LanguageBody:
+    def base_model(self) -> LanguageBody:
         """The model up to the LLM's last hidden states, without the LM head (see `InstructBlipModel`)."""
-        return _LanguageBody(self)
+        return LanguageBody(self, partial(InstructBlipModel.forward, self))
 
     def _language_body(self, inputs_embeds, attention_mask, decoder_input_ids, decoder_attention_mask, **kwargs):
         """A causal LM's body (its `base_model`, e.g. `LlamaModel`): what `base_model` runs (decoder-only only)."""
@@ -444,7 +313,8 @@ class InstructBlipForConditionalGeneration(InstructBlipModel, GenerationMixin):
         """
         images = pixel_values if pixel_values is not None else image_embeds
         if input_ids is None and inputs_embeds is None and images is not None:  # no prompt: plain captioning
-            input_ids = self._default_prompt(images.shape[0], images.device)
+            name = "pixel_values" if pixel_values is not None else "image_embeds"
+            input_ids = self._default_prompt(images.shape[0], images.device, self._visual_tokens(images, name))
         _, embeds, attention_mask = self._encode_call(
             pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, inputs_embeds,
             interpolate_pos_encoding, image_embeds)
@@ -456,9 +326,13 @@ class InstructBlipForConditionalGeneration(InstructBlipModel, GenerationMixin):
         model_kwargs = generation_config.update(**generate_kwargs)  # returns what is not a generation setting
         return self.language_model.generate(**llm_inputs, generation_config=generation_config, **model_kwargs)
 
-    def _default_prompt(self, batch: int, device: torch.device) -> torch.Tensor:
+    def _visual_tokens(self, images: torch.Tensor, name: str) -> int:
+        """Placeholders per prompt for `images` (`pixel_values` or `image_embeds`, named `name`): Q per image."""
+        return self.config.num_query_tokens
+
+    def _default_prompt(self, batch: int, device: torch.device, visual_tokens: int) -> torch.Tensor:
         """Image placeholders (+ BOS for decoder-only LLMs) when no prompt is given: plain captioning."""
         bos = getattr(self.config.text_config, "bos_token_id", None)  # T5 configs have none
         prompt = [bos] if self.config.use_decoder_only_language_model and bos is not None else []
-        ids = prepend_image_placeholders([prompt], self.config.image_token_index, self.config.num_query_tokens)
+        ids = prepend_image_placeholders([prompt], self.config.image_token_index, visual_tokens)
         return torch.tensor(ids, dtype=torch.long, device=device).expand(batch, -1)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from .configuration_video import InstructBlipVideoConfig
-from .modeling import InstructBlipForConditionalGeneration, InstructBlipImageFeatures
+from .modeling import InstructBlipForConditionalGeneration
+from .outputs import InstructBlipImageFeatures
 
 
 # One frame's dimensions, by argument: clips add [batch, frames] in front.
@@ -88,32 +89,6 @@ class InstructBlipVideoForConditionalGeneration(InstructBlipForConditionalGenera
             raise ValueError(f"`{name}` must have shape [{batch}, length] (one instruction per clip), found {found}.")
         return rows.repeat_interleave(frames, dim=0)
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        qformer_input_ids: torch.Tensor | None = None,
-        qformer_attention_mask: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.LongTensor:
-        """As the image model's `generate`; without a prompt, the caption prompt holds `T * num_query_tokens`
-        placeholders (+ BOS for decoder-only LLMs)."""
-        clips = pixel_values if pixel_values is not None else kwargs.get("image_embeds")
-        if input_ids is None and inputs_embeds is None and clips is not None:
-            batch, frames = _clip_shape(clips, "pixel_values" if pixel_values is not None else "image_embeds")
-            input_ids = self._default_prompt(batch, clips.device, frames)
-        return super().generate(
-            pixel_values=pixel_values, qformer_input_ids=qformer_input_ids,
-            qformer_attention_mask=qformer_attention_mask, input_ids=input_ids, attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds, **kwargs,
-        )
-
-    def _default_prompt(self, batch: int, device: torch.device, frames: int = 1) -> torch.Tensor:
-        """The image model's caption prompt with `frames - 1` more frames' placeholders in front: `[B, T*Q (+1)]`."""
-        prompt = super()._default_prompt(batch, device)  # [B, Q (+1)]
-        more = torch.full((batch, (frames - 1) * self.config.num_query_tokens), self.config.image_token_index,
-                          dtype=prompt.dtype, device=device)
-        return torch.cat([more, prompt], dim=1)
+    def _visual_tokens(self, clips: torch.Tensor, name: str) -> int:
+        """Placeholders per prompt: `T * num_query_tokens` for clips of T frames (the caption prompt's count)."""
+        return _clip_shape(clips, name)[1] * self.config.num_query_tokens

@@ -21,6 +21,8 @@ from transformers.tokenization_utils_base import AddedToken
 
 from .configuration import InstructBlipConfig
 from .images import to_rgb_images
+from .layout import new_tokens, prepend_image_placeholders
+from .validation import check_int
 
 DEFAULT_IMAGE_TOKEN = "<image>"
 QFORMER_MAX_LENGTH = 128  # LAVIS `max_txt_len` for the Q-Former instruction
@@ -41,14 +43,14 @@ class InstructBlipProcessorKwargs(ProcessingKwargs, total=False):
     qformer_max_length: int
 
 
-_IMAGE_KWARGS = frozenset(ImagesKwargs.__annotations__) - {"return_tensors"}
+IMAGE_KWARGS = frozenset(ImagesKwargs.__annotations__) - {"return_tensors"}
 _MODALITY_GROUPS = frozenset({"text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs", "common_kwargs"})
 _CALL_OPTIONS = frozenset(TextKwargs.__annotations__) | frozenset(ImagesKwargs.__annotations__) | {
     "qformer_max_length", "return_tensors"}
 
 
 # --- text ---------------------------------------------------------------------------------------------
-def _as_texts(text: Any) -> list[str]:
+def as_texts(text: Any) -> list[str]:
     """A prompt or a non-empty list of prompts -> list of prompts."""
     if isinstance(text, str):
         return [text]
@@ -60,23 +62,6 @@ def _as_texts(text: Any) -> list[str]:
     if wrong:
         raise TypeError(f"`text` must be a list of strings, found non-strings at (index: type) {wrong}.")
     return list(text)
-
-
-def prepend_image_placeholders(rows: list[list[int]], image_token_id: int, num_query_tokens: int) -> list[list[int]]:
-    """The image layout, in one place: `num_query_tokens` placeholders in front of every row of ids (before BOS and
-    before any left padding, as transformers and LAVIS lay them out); the model swaps them for image features."""
-    return [[image_token_id] * num_query_tokens + row for row in rows]
-
-
-def pad_right(rows: list[list[int]], value: int, device: torch.device | str | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id rows with `value` to the longest: `(ids [B, L], mask [B, L])`, long tensors."""
-    ids = torch.full((len(rows), max(len(row) for row in rows)), value, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 # --- the processor ------------------------------------------------------------------------------------
@@ -106,11 +91,8 @@ class HfInstructBlipProcessor(ProcessorMixin):
         padding_side: str = "left",
         **kwargs,
     ):
-        for name, value in (("num_query_tokens", num_query_tokens), ("qformer_max_length", qformer_max_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, found {value!r}.")
-        self.num_query_tokens = num_query_tokens
-        self.qformer_max_length = qformer_max_length
+        self.num_query_tokens = check_int("num_query_tokens", num_query_tokens)
+        self.qformer_max_length = check_int("qformer_max_length", qformer_max_length)
         self.padding_side = _check_padding_side(padding_side)
         self.image_token = image_token or getattr(tokenizer, "image_token", None) or DEFAULT_IMAGE_TOKEN
         if self.image_token not in tokenizer.get_vocab():
@@ -156,7 +138,7 @@ class HfInstructBlipProcessor(ProcessorMixin):
         Accepts PIL images (any mode), numpy arrays and torch tensors (HW, HWC or CHW; uint8 0-255 or float
         0-1), one at a time, as a list, or as a `[B, ...]` batch. Extra keywords go to the image processor.
         """
-        _check_options(images_kwargs)
+        check_options(images_kwargs)
         return self._pixel_values(to_rgb_images(images), return_tensors, images_kwargs)
 
     def _pixel_values(self, images: list[Image.Image], return_tensors: str | None, images_kwargs: dict) -> Any:
@@ -215,7 +197,7 @@ class HfInstructBlipProcessor(ProcessorMixin):
             raise ValueError("Pass `images`, `text` or both; both are None.")
         if kwargs.pop("videos", None) is not None or kwargs.pop("audio", None) is not None:  # chat templates pass None
             raise ValueError("This processor takes `images`; for clips use InstructBlipVideoProcessor(videos=...).")
-        _check_options(kwargs)
+        check_options(kwargs)
         options = self._merge_kwargs(InstructBlipProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs,
                                      **kwargs)
         text_kwargs, images_kwargs = options["text_kwargs"], options["images_kwargs"]
@@ -224,7 +206,7 @@ class HfInstructBlipProcessor(ProcessorMixin):
         pil_images = to_rgb_images(images) if images is not None else None
         encoding: dict[str, Any] = {}
         if text is not None:
-            texts = _as_texts(text)
+            texts = as_texts(text)
             if pil_images is not None:
                 pil_images = _pair_images(pil_images, len(texts))
             asked = {**kwargs.get("text_kwargs", {}), **kwargs}
@@ -250,24 +232,15 @@ class HfInstructBlipProcessor(ProcessorMixin):
     ) -> list[str]:
         """Generated ids -> answer strings. Decoder-only LLMs echo the prompt: pass the prompt's `input_ids`
         and it is removed (checked); encoder-decoder LLMs return only the answer: leave `input_ids` None."""
-        if input_ids is not None:
-            prompt_length = input_ids.shape[-1]
-            echoed = generated_ids[:, :prompt_length]
-            if echoed.shape != input_ids.shape or not torch.equal(echoed.cpu(), input_ids.cpu()):
-                raise ValueError(
-                    "`generated_ids` do not start with `input_ids`: pass `input_ids` only for decoder-only LLMs, "
-                    f"whose output echoes the prompt (found generated {list(generated_ids.shape)}, "
-                    f"prompt {list(input_ids.shape)})."
-                )
-            generated_ids = generated_ids[:, prompt_length:]
-        texts = self.tokenizer.batch_decode(generated_ids, skip_special_tokens=skip_special_tokens)
+        texts = self.tokenizer.batch_decode(new_tokens(generated_ids, input_ids),
+                                            skip_special_tokens=skip_special_tokens)
         return [t.strip() for t in texts]
 
 
 InstructBlipProcessor = HfInstructBlipProcessor  # the drop-in name
 
 
-def _check_options(kwargs: dict[str, Any]) -> None:
+def check_options(kwargs: dict[str, Any]) -> None:
     """Refuse call options no part of the processor reads (transformers would drop them with a warning)."""
     unknown = set(kwargs) - _CALL_OPTIONS - _MODALITY_GROUPS
     if unknown:

@@ -22,14 +22,9 @@ from transformers import AutoProcessor, BatchFeature
 
 from .configuration_video import InstructBlipVideoConfig
 from .images import load_image
-from .processing import (
-    _IMAGE_KWARGS,
-    QFORMER_MAX_LENGTH,
-    HfInstructBlipProcessor,
-    _as_texts,
-    _check_options,
-    prepend_image_placeholders,
-)
+from .layout import prepend_image_placeholders
+from .processing import IMAGE_KWARGS, QFORMER_MAX_LENGTH, HfInstructBlipProcessor, as_texts, check_options
+from .validation import check_int
 
 DEFAULT_NUM_FRAMES = 4  # frames per clip in the paper's video QA evaluation
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -117,7 +112,7 @@ class HfInstructBlipVideoProcessor(HfInstructBlipProcessor):
                  padding_side: str = "left", num_frames: int | None = DEFAULT_NUM_FRAMES, pad_frames: bool = False,
                  **kwargs):
         # Every setting is named here: `save_pretrained` writes the `__init__` parameters it finds as attributes.
-        _check_num_frames(num_frames)
+        check_int("num_frames", num_frames, allow_none=True)
         self.num_frames, self.pad_frames = num_frames, bool(pad_frames)
         super().__init__(image_processor, tokenizer, qformer_tokenizer, num_query_tokens=num_query_tokens,
                          image_token=image_token, qformer_max_length=qformer_max_length, padding_side=padding_side,
@@ -126,7 +121,7 @@ class HfInstructBlipVideoProcessor(HfInstructBlipProcessor):
     def load_clips(self, videos: Any, num_frames: int | None = None, pad_frames: bool | None = None
                    ) -> list[list[Image.Image]]:
         """Clips in any accepted form -> lists of RGB frames, all of one length (checked)."""
-        num_frames = self.num_frames if num_frames is None else _check_num_frames(num_frames)
+        num_frames = self.num_frames if num_frames is None else check_int("num_frames", num_frames, allow_none=True)
         pad_frames = self.pad_frames if pad_frames is None else pad_frames
         clips = [load_clip(clip, num_frames, pad_frames, f"videos[{i}]") for i, clip in enumerate(as_clips(videos))]
         counts = {i: len(clip) for i, clip in enumerate(clips)}
@@ -139,7 +134,7 @@ class HfInstructBlipVideoProcessor(HfInstructBlipProcessor):
                           return_tensors: str | None = "pt", **images_kwargs) -> Any:
         """Clips -> `pixel_values` `[B, T, 3, H, W]` (as the collator needs them)."""
         clips = self.load_clips(videos, num_frames, pad_frames)
-        _check_options(images_kwargs)
+        check_options(images_kwargs)
         pixels = self._clip_pixels(clips, images_kwargs)
         return BatchFeature({"pixel_values": pixels}, tensor_type=return_tensors)["pixel_values"]
 
@@ -158,13 +153,13 @@ class HfInstructBlipVideoProcessor(HfInstructBlipProcessor):
         if images is not None and videos is not None:
             raise ValueError("Pass the clips as `videos` or as `images`, not both.")
         videos = images if videos is None else videos
-        frame_kwargs = {**(images_kwargs or {}), **{k: kwargs.pop(k) for k in list(kwargs) if k in _IMAGE_KWARGS}}
+        frame_kwargs = {**(images_kwargs or {}), **{k: kwargs.pop(k) for k in list(kwargs) if k in IMAGE_KWARGS}}
         if videos is None:  # prompts only: the image processor's text path
             return super().__call__(text=text, max_length=max_length, return_tensors=return_tensors, **kwargs)
         clips = self.load_clips(videos, num_frames, pad_frames)
         encoding: dict[str, Any] = {}
         if text is not None:
-            texts = _as_texts(text)
+            texts = as_texts(text)
             clips = _pair_clips(clips, len(texts))
             placeholders = len(clips[0]) * self.num_query_tokens  # T * Q
             if max_length is not None and max_length <= placeholders:
@@ -174,7 +169,7 @@ class HfInstructBlipVideoProcessor(HfInstructBlipProcessor):
             encoding.update(text_only)
             for key, fill in (("input_ids", self.image_token_id), ("attention_mask", 1)):
                 encoding[key] = prepend_image_placeholders(encoding[key], fill, placeholders)  # [B, T*Q + L]
-        _check_options(frame_kwargs)
+        check_options(frame_kwargs)
         encoding["pixel_values"] = self._clip_pixels(clips, frame_kwargs)
         return BatchFeature(encoding, tensor_type=return_tensors)
 
@@ -182,10 +177,6 @@ class HfInstructBlipVideoProcessor(HfInstructBlipProcessor):
 InstructBlipVideoProcessor = HfInstructBlipVideoProcessor  # the drop-in name
 
 
-def _check_num_frames(num_frames: Any) -> int | None:
-    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1):
-        raise ValueError(f"`num_frames` must be a positive int (or None: every frame), found {num_frames!r}.")
-    return num_frames
 
 
 def _pair_clips(clips: list, num_texts: int) -> list:

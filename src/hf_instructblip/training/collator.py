@@ -1,7 +1,8 @@
 """Instruction-tuning batches: raw `{image, instruction, answer}` records -> model inputs with `labels`.
 
 Token layout follows LAVIS (which never released this code for InstructBLIP; these are its `blip2_*_instruct`
-training semantics), built from token ids, never by re-splitting rendered strings:
+training semantics), built from token ids, never by re-splitting rendered strings, and placed by `model.layout`
+(the one writer of the layout, shared with the processor and `generate`):
 
 - decoder-only LLM: `[image x Q][bos][prompt][answer][eos][pad]` (right padding); labels are -100 on the
   placeholders, bos, prompt and pad, so only `answer + eos` is learned.
@@ -14,7 +15,8 @@ training semantics), built from token ids, never by re-splitting rendered string
 - `prompt_only=True` (evaluation with `generate`): the prompt as generation reads it and the processor writes it,
   with no answer in the inputs: decoder-only `[image x Q][pad][bos][prompt]` (the text left padded behind the
   placeholders, as LAVIS and `InstructBlipProcessor` lay out batched prompts), T5 unchanged; labels `[answer][eos]`
-  right padded with -100 on both paths, so they decode to the references.
+  right padded with -100 on both paths, so they decode to the references; decoder-only batches also carry the
+  training layout of the same records as `loss_inputs` (the evaluation loss).
 """
 
 from __future__ import annotations
@@ -26,10 +28,9 @@ from typing import Any
 
 import torch
 
-from ..model.processing import pad_right, prepend_image_placeholders
-
-IGNORE_INDEX = -100  # label value the loss skips
-
+from ..model.layout import IGNORE_INDEX, generation_prompts, pad_right, tokenizer_adds_bos, training_sequences
+from ..model.validation import check_int
+from ..templates import visual_field
 
 def _check_records(records: Sequence[Any], answer_required: bool = True) -> None:
     """Validate the required fields of every record (`answer` may be absent when not `answer_required`)."""
@@ -39,7 +40,7 @@ def _check_records(records: Sequence[Any], answer_required: bool = True) -> None
         if not isinstance(record, Mapping):
             raise TypeError(f"record {index}: expected a mapping with 'image', 'instruction', 'answer', "
                             f"found {type(record).__name__}.")
-        visual = _visual_field(record)
+        visual = visual_field(record)
         required = (visual, "instruction", "answer") if answer_required else (visual, "instruction")
         for field in required:
             if field not in record:
@@ -56,11 +57,6 @@ def _check_records(records: Sequence[Any], answer_required: bool = True) -> None
                              "the sequence. Drop the record or give it an answer.")
 
 
-def _visual_field(record: Mapping) -> str:
-    """"video" for a video record (a clip instead of an image), else "image"."""
-    return "video" if "video" in record and "image" not in record else "image"
-
-
 def _optional_field(records: Sequence[Mapping], field: str, kind: type, kind_name: str) -> list | None:
     """The values of an optional field that every record carries (or none does), checked to be `kind`."""
     present = [record.get(field) is not None for record in records]
@@ -75,18 +71,6 @@ def _optional_field(records: Sequence[Mapping], field: str, kind: type, kind_nam
         raise ValueError(f"records {missing}: field '{field}' is missing while other records in the batch carry one; "
                          f"give every record a {field}, or none.")
     return [record[field] for record in records]
-
-
-def _pad_left(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id rows with `value` to the longest: `(ids [B, L], mask [B, L])`."""
-    ids, mask = pad_right([row[::-1] for row in rows], value)
-    return ids.flip(1), mask.flip(1)
-
-
-def _tokenizer_adds_bos(tokenizer: Any) -> bool:
-    """Whether encoding with special tokens starts with bos (Llama-style) or not (GPT-2 style, T5)."""
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
 
 
 @dataclass
@@ -108,8 +92,9 @@ class InstructBlipDataCollator:
             the placeholders, as `InstructBlipProcessor` writes batched prompts; T5: the training layout), and
             `labels` hold the reference `[answer][eos]` `[B, L_answer]`, right padded with -100 (`EvalPrediction.
             label_ids` decode to the references). `answer` may then be absent from every record (no `labels`).
-            `InstructBlipTrainer` builds this collator itself from the training one when `predict_with_generate`
-            is set, and takes the evaluation loss on `training_layout(batch)`.
+            Decoder-only batches with answers also hold `loss_inputs`: `input_ids`, `attention_mask` and `labels`
+            of the training layout, for the evaluation loss. `InstructBlipTrainer` builds this collator itself from
+            the training one when `predict_with_generate` is set.
 
     Returns the model's tensors with `labels`, plus `dataset` names and `image_ids` `[B]` when the records carry
     them (`InstructBlipTrainer` logs per-dataset losses and looks the ids up in its vision feature cache).
@@ -119,7 +104,8 @@ class InstructBlipDataCollator:
         >>> batch = collator([{"image": image, "instruction": "What is shown?", "answer": "a dog"}])
         >>> model(**batch).loss
         >>> prompts = InstructBlipDataCollator(processor, decoder_only=True, prompt_only=True)(records)
-        >>> answers = model.generate(**{k: v for k, v in prompts.items() if k != "labels"}, max_new_tokens=10)
+        >>> answers = model.generate(**{k: v for k, v in prompts.items() if k not in ("labels", "loss_inputs")},
+        ...                          max_new_tokens=10)
     """
 
     processor: Any
@@ -140,10 +126,8 @@ class InstructBlipDataCollator:
         for name in ("decoder_only", "prompt_only"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be a bool, found {type(getattr(self, name)).__name__}.")
-        for name, minimum in (("max_input_length", 1), ("max_output_length", 1), ("qformer_max_length", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < minimum:
-                raise ValueError(f"`{name}` must be an int >= {minimum}, found {value!r}.")
+        for name in ("max_input_length", "max_output_length", "qformer_max_length"):
+            check_int(name, getattr(self, name))
         if self.train_on_prompt and not self.decoder_only:
             raise ValueError("`train_on_prompt=True` needs a decoder-only LLM: an encoder-decoder LLM reads the "
                              "prompt in its encoder, where there is nothing to predict.")
@@ -161,7 +145,7 @@ class InstructBlipDataCollator:
             raise ValueError(f"`qformer_max_length` ({self.qformer_max_length}) leaves no room for text after "
                              "the Q-Former tokenizer's special tokens.")
         # decided once: encoding a probe string per record showed up at ~11% of collate time
-        self._use_bos = _tokenizer_adds_bos(tokenizer) if self.add_bos is None else self.add_bos
+        self._use_bos = tokenizer_adds_bos(tokenizer) if self.add_bos is None else self.add_bos
 
     # --- token pieces -------------------------------------------------------------------------------------
     def _encode(self, text: str, index: int, field: str) -> list[int]:
@@ -174,7 +158,8 @@ class InstructBlipDataCollator:
         return ids
 
     def _prompt_ids(self, instruction: str, index: int) -> tuple[list[int], list[int]]:
-        """`(prefix specials, prompt ids)` with the prompt left-truncated to fit `max_input_length`."""
+        """`(prompt ids, their labels)`: decoder-only `[bos] prompt`, encoder-decoder `prompt [eos]`, the prompt
+        left-truncated to fit `max_input_length`; labels -100 except the prompt text with `train_on_prompt`."""
         tokenizer = self.processor.tokenizer
         if self.decoder_only:
             specials = [tokenizer.bos_token_id] if self._use_bos else []
@@ -182,26 +167,16 @@ class InstructBlipDataCollator:
             specials = [tokenizer.eos_token_id]  # T5 encoder input ends with eos (appended after the prompt)
         budget = max(self.max_input_length - len(specials), 0)
         ids = self._encode(instruction, index, "instruction")
-        return specials, ids[max(len(ids) - budget, 0):] if budget else []  # the last `budget` tokens
+        ids = ids[max(len(ids) - budget, 0):] if budget else []  # the last `budget` tokens
+        labels = [IGNORE_INDEX] * len(specials) + (ids if self.train_on_prompt else [IGNORE_INDEX] * len(ids))
+        if self.decoder_only:
+            return specials + ids, labels
+        return ids + specials, labels
 
     def _answer_ids(self, answer: str, index: int) -> list[int]:
         """Answer ids right-truncated to `max_output_length - 1`, then eos (always kept)."""
         ids = self._encode(answer, index, "answer")[: self.max_output_length - 1]
         return ids + [self.processor.tokenizer.eos_token_id]
-
-    # --- one record -> id lists -----------------------------------------------------------------------------
-    def _decoder_only_rows(self, record: Mapping, index: int, tokens: int) -> tuple[list[int], list[int]]:
-        """`(input ids, labels)` for `[image x tokens][bos][prompt][answer eos]`."""
-        bos, prompt = self._prompt_ids(record["instruction"], index)
-        answer = self._answer_ids(record["answer"], index)
-        prompt_labels = prompt if self.train_on_prompt else [IGNORE_INDEX] * len(prompt)
-        labels = prepend_image_placeholders([[IGNORE_INDEX] * len(bos) + prompt_labels + answer], IGNORE_INDEX, tokens)
-        return self._with_image(bos + prompt + answer, tokens), labels[0]
-
-    def _encoder_decoder_rows(self, record: Mapping, index: int, tokens: int) -> tuple[list[int], list[int]]:
-        """`(encoder ids, labels)` for encoder `[image x tokens][prompt][eos]`, labels `[answer eos]`."""
-        eos, prompt = self._prompt_ids(record["instruction"], index)
-        return self._with_image(prompt + eos, tokens), self._answer_ids(record["answer"], index)
 
     def check_model(self, config: Any, name: str = "data_collator") -> None:
         """Raise if this collator (passed to a trainer as `name`) was built for another LLM kind or image token than
@@ -215,50 +190,32 @@ class InstructBlipDataCollator:
             raise ValueError(f"`{name}` places image token id {self.processor.image_token_id}, but "
                              f"model.config.image_token_index is {config.image_token_index}; they must match.")
 
-    def _with_image(self, row: list[int], tokens: int) -> list[int]:
-        return prepend_image_placeholders([row], self.processor.image_token_id, tokens)[0]
-
-    def _generation_prompts(self, records: Sequence[Mapping], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt-only `(input_ids, attention_mask)` `[B, L]`: decoder-only `[image x tokens][pad][bos][prompt]`,
-        encoder-decoder `[image x tokens][prompt][eos][pad]` (its training layout)."""
-        pad = self.processor.tokenizer.pad_token_id
-        rows = [self._prompt_ids(record["instruction"], i) for i, record in enumerate(records)]
-        if not self.decoder_only:
-            return pad_right([self._with_image(prompt + eos, tokens) for eos, prompt in rows], pad)
-        # Placeholders go in front of the left padding, as the processor (and LAVIS) lay batched prompts out: the
-        # image keeps positions 0..tokens-1 and each prompt ends at the last column, where generation continues.
-        ids, mask = _pad_left([bos + prompt for bos, prompt in rows], pad)  # [B, L_text]
-        ids = prepend_image_placeholders(ids.tolist(), self.processor.image_token_id, tokens)
-        mask = prepend_image_placeholders(mask.tolist(), 1, tokens)
-        return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)  # [B, tokens + L_text]
-
-    def training_layout(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """A labelled prompt-only batch in the training layout, for the evaluation loss: decoder-only
-        `[image x Q][bos][prompt][answer eos][pad]` with labels on `answer eos` (exactly what this collator gives
-        without `prompt_only`); encoder-decoder batches are the same in both layouts and come back unchanged.
-
-        Example:
-            >>> loss = model(**collator.training_layout(prompt_only_batch)).loss
-        """
+    def _text(self, records: Sequence[Mapping], tokens: int) -> dict[str, Any]:
+        """The LLM side of the batch through the layout module: training sequences, or, prompt-only, generation
+        prompts with the reference answers as `labels` and the training layout as `loss_inputs` (decoder-only)."""
+        layout = dict(pad_id=self.processor.tokenizer.pad_token_id, image_token_id=self.processor.image_token_id,
+                      count=tokens)
+        prompts, prompt_labels = zip(*(self._prompt_ids(record["instruction"], i) for i, record in enumerate(records)))
+        answers = _optional_field(records, "answer", str, "a str") if self.prompt_only else \
+            [record["answer"] for record in records]
+        answers = None if answers is None else [self._answer_ids(a, i) for i, a in enumerate(answers)]
         if not self.prompt_only:
-            raise ValueError("`training_layout` converts prompt-only batches, but this collator was built with "
-                             "prompt_only=False: its batches are in the training layout already.")
-        if "labels" not in batch:
-            raise ValueError("`batch` has no `labels`: a prompt-only batch without answers has no training layout.")
-        if not self.decoder_only:
-            return dict(batch)
-        device = batch["input_ids"].device
-        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-        answers = [labels[labels != IGNORE_INDEX].tolist() for labels in batch["labels"]]
-        input_ids, attention_mask = pad_right([p + a for p, a in zip(prompts, answers)],
-                                              self.processor.tokenizer.pad_token_id, device)  # [B, L], right
-        labels, _ = pad_right([[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)], IGNORE_INDEX, device)
-        return {**batch, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            return training_sequences(list(prompts), answers, decoder_only=self.decoder_only,
+                                      prompt_labels=list(prompt_labels), **layout)
+        if not self.decoder_only:  # the encoder reads the prompt alone in both layouts
+            text = training_sequences(list(prompts), answers or [[]] * len(prompts), decoder_only=False, **layout)
+            return text if answers is not None else {k: v for k, v in text.items() if k != "labels"}
+        input_ids, attention_mask = generation_prompts(list(prompts), **layout)
+        text = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if answers is not None:
+            text["labels"] = pad_right(answers, IGNORE_INDEX)[0]  # [B, L_answer]: the references
+            text["loss_inputs"] = training_sequences(list(prompts), answers, decoder_only=True, **layout)
+        return text
 
     def _pixel_values(self, records: Sequence[Mapping]) -> tuple[torch.Tensor, int]:
         """`(pixel_values, visual tokens per example)`: `[B, 3, H, W]` and Q for image records; `[B, T, 3, H, W]`
         and T * Q for video records (T frames per clip)."""
-        kinds = {_visual_field(record) for record in records}
+        kinds = {visual_field(record) for record in records}
         if kinds == {"image"}:
             pixels = self.processor.preprocess_images([record["image"] for record in records])
             return pixels, self.processor.num_query_tokens
@@ -273,25 +230,14 @@ class InstructBlipDataCollator:
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         _check_records(records, answer_required=not self.prompt_only)
         pixel_values, tokens = self._pixel_values(records)
-        if self.prompt_only:
-            input_ids, attention_mask = self._generation_prompts(records, tokens)  # [B, L]
-            answers = _optional_field(records, "answer", str, "a str")  # None: nothing to score against
-            labels = None if answers is None else [self._answer_ids(a, i) for i, a in enumerate(answers)]
-        else:
-            rows = self._decoder_only_rows if self.decoder_only else self._encoder_decoder_rows
-            inputs, labels = zip(*(rows(record, i, tokens) for i, record in enumerate(records)))
-            input_ids, attention_mask = pad_right(list(inputs), self.processor.tokenizer.pad_token_id)  # [B, L], right
         qformer = self.processor.qformer_text([record["instruction"] for record in records],
                                               max_length=self.qformer_max_length)  # left truncated, right padded
         batch = {
             "pixel_values": pixel_values,
             "qformer_input_ids": torch.tensor(qformer["qformer_input_ids"]),
             "qformer_attention_mask": torch.tensor(qformer["qformer_attention_mask"]),
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
+            **self._text(records, tokens),  # input_ids, attention_mask[, labels][, loss_inputs]
         }
-        if labels is not None:
-            batch["labels"] = pad_right(list(labels), IGNORE_INDEX)[0]  # [B, L] (T5, prompt-only: [B, L_answer])
         names = _optional_field(records, "dataset", str, "a str")
         image_ids = _optional_field(records, "image_id", numbers.Integral, "an int")
         if names is not None:

@@ -23,25 +23,11 @@ import numpy as np
 from torch.utils.data import ConcatDataset, Sampler
 from transformers import TrainerCallback
 
+from ..model.validation import check_int, check_weight
+
 # Stream tags: independent numpy streams for the interleaving and for each dataset's permutations.
 _INTERLEAVE_STREAM = 0
 _PERMUTATION_STREAM = 1
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_weight(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name}: expected a number >= 0, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
-    return float(value)
 
 
 def _sizes_of(datasets: ConcatDataset | Sequence[int]) -> list[int]:
@@ -53,7 +39,7 @@ def _sizes_of(datasets: ConcatDataset | Sequence[int]) -> list[int]:
                         f"got {type(datasets).__name__}")
     if len(datasets) == 0:
         raise ValueError("datasets: expected at least one dataset, got an empty list")
-    return [_check_int(f"datasets[{i}] (a dataset size)", size, 0) for i, size in enumerate(datasets)]
+    return [check_int(f"datasets[{i}] (a dataset size)", size, 0) for i, size in enumerate(datasets)]
 
 
 def _resolve_multipliers(
@@ -75,13 +61,13 @@ def _resolve_multipliers(
             else:
                 raise ValueError(f"multipliers: keys must be dataset names {list(names)} or indices in "
                                  f"[0, {count}), got {key!r}")
-            resolved[position] = _check_weight(f"multipliers[{key!r}]", value)
+            resolved[position] = check_weight(f"multipliers[{key!r}]", value)
         return resolved
     if isinstance(multipliers, (str, bytes)) or not isinstance(multipliers, Sequence):
         raise TypeError(f"multipliers: expected a list or a dict, got {type(multipliers).__name__}")
     if len(multipliers) != count:
         raise ValueError(f"multipliers: expected one per dataset ({count}), got {len(multipliers)}")
-    return [_check_weight(f"multipliers[{i}]", value) for i, value in enumerate(multipliers)]
+    return [check_weight(f"multipliers[{i}]", value) for i, value in enumerate(multipliers)]
 
 
 def mixture_weights(
@@ -94,9 +80,9 @@ def mixture_weights(
     [10.0, 20.0, 30.0]
     """
     names = list(names) if names is not None else [f"dataset_{i}" for i in range(len(sizes))]
-    alpha = _check_weight("alpha", alpha)
+    alpha = check_weight("alpha", alpha)
     if size_cap is not None:
-        size_cap = _check_int("size_cap", size_cap, 1)
+        size_cap = check_int("size_cap", size_cap, 1)
     factors = _resolve_multipliers(multipliers, names)
     weights = []
     for name, size, factor in zip(names, sizes, factors):
@@ -165,12 +151,12 @@ class BalancedConcatSampler(Sampler[int]):
             raise ValueError(f"names: expected distinct dataset names, got {list(names)}")
         self.sizes: tuple[int, ...] = tuple(sizes)
         self.names: tuple[str, ...] = tuple(names)
-        self.alpha = _check_weight("alpha", alpha)
+        self.alpha = check_weight("alpha", alpha)
         self.weights: tuple[float, ...] = tuple(mixture_weights(sizes, alpha, multipliers, size_cap, names))
-        self.num_samples = sum(sizes) if num_samples is None else _check_int("num_samples", num_samples, 1)
+        self.num_samples = sum(sizes) if num_samples is None else check_int("num_samples", num_samples, 1)
         self.counts: tuple[int, ...] = tuple(largest_remainder_counts(self.weights, self.num_samples))
         self._offsets = [0, *np.cumsum(sizes).tolist()]  # ConcatDataset index of each dataset's first example
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         self.epoch = 0
 
     # ---- the Sampler protocol ----
@@ -182,12 +168,12 @@ class BalancedConcatSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order `__iter__` yields (called by Trainer / accelerate each epoch)."""
-        self.epoch = _check_int("epoch", epoch, 0)
+        self.epoch = check_int("epoch", epoch, 0)
 
     # ---- the sequence ----
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """The global ConcatDataset indices of `epoch`, ``[num_samples]``; a pure function of (seed, epoch)."""
-        epoch = _check_int("epoch", epoch, 0)
+        epoch = check_int("epoch", epoch, 0)
         rng = np.random.default_rng([self.seed, _INTERLEAVE_STREAM, epoch])
         owner = rng.permutation(np.repeat(np.arange(len(self.sizes)), self.counts))  # [N] dataset of each slot
         indices = np.empty(self.num_samples, dtype=np.int64)
@@ -264,7 +250,7 @@ class BalancedConcatSampler(Sampler[int]):
                           ("num_samples", self.num_samples)):
             if state[key] != ours:
                 raise ValueError(f"state: saved for a different mixture: {key} {state[key]} != this sampler's {ours}")
-        self.seed = _check_int("state['seed']", state["seed"], 0)
+        self.seed = check_int("state['seed']", state["seed"], 0)
         self.set_epoch(state["epoch"])
 
 

@@ -30,10 +30,11 @@ from transformers import Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling
 
-from .collator import IGNORE_INDEX, InstructBlipDataCollator, _tokenizer_adds_bos
+from ..model.layout import IGNORE_INDEX, tokenizer_adds_bos
+from .collator import InstructBlipDataCollator
 from .freezing import instructblip_base
+from .trainer_glue import InstructBlipTrainerGlue
 
-_METADATA = ("dataset", "image_ids")  # our collator's record metadata: the model does not take it
 _DEFAULT_MAX_LENGTH = SFTConfig.__dataclass_fields__["max_length"].default
 
 
@@ -245,7 +246,7 @@ def _sft_args(args: TrainingArguments | None, model: torch.nn.Module) -> SFTConf
     return args
 
 
-class InstructBlipSFTTrainer(SFTTrainer):
+class InstructBlipSFTTrainer(InstructBlipTrainerGlue, SFTTrainer):
     """TRL's `SFTTrainer` for InstructBLIP (Q-Former-only instruction tuning, LAVIS's training layout).
 
     Takes TRL's vision dataset formats (`{"images": [image], "prompt": ..., "completion": ...}`, `messages`, both
@@ -261,7 +262,10 @@ class InstructBlipSFTTrainer(SFTTrainer):
           so `loss_type="dft"`, `label_smoothing_factor` and `compute_loss_func` are refused there;
         - `remove_unused_columns=False` and `skip_prepare_dataset=True` are set; `max_length`, `packing`,
           `padding_free`, `pad_to_multiple_of`, `completion_only_loss=False`, `formatting_func` and `peft_config`
-          (apply PEFT before `freeze_for_instruction_tuning`, see its docs) are refused.
+          (apply PEFT before `freeze_for_instruction_tuning`, see its docs) are refused;
+        - as `InstructBlipTrainer` (the shared `InstructBlipTrainerGlue`): `save_trainable_only`,
+          `vision_feature_cache`, `dispatch_batches=False` for iterable data, and the trained Q-Former saved next to
+          a PEFT adapter.
 
     Example:
         >>> freeze_for_instruction_tuning(model)
@@ -310,7 +314,7 @@ class InstructBlipSFTTrainer(SFTTrainer):
             data_collator = TrlFormatCollator(data_collator)
         self._layout = dict(decoder_only=self._decoder_only, image_token_id=config.image_token_index,
                             eos_token_id=processing_class.tokenizer.eos_token_id, bos_token_id=None)
-        if self._decoder_only and _tokenizer_adds_bos(processing_class.tokenizer):
+        if self._decoder_only and tokenizer_adds_bos(processing_class.tokenizer):
             self._layout["bos_token_id"] = processing_class.tokenizer.bos_token_id
         super().__init__(model, args=args, data_collator=data_collator,
                          train_dataset=_as_dataset(train_dataset, "train_dataset"),
@@ -327,7 +331,7 @@ class InstructBlipSFTTrainer(SFTTrainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         """TRL's loss for decoder-only LLMs, the model's own for encoder-decoder ones, on LAVIS-layout batches."""
-        inputs = {key: value for key, value in inputs.items() if key not in _METADATA}
+        inputs = self.model_inputs(model, inputs)  # metadata dropped; image_ids -> cached image_embeds
         if "labels" in inputs and not isinstance(self.data_collator, TrlFormatCollator):
             check_lavis_layout(inputs, **self._layout)  # ours is LAVIS by construction: no per-step host sync
         if self._decoder_only:

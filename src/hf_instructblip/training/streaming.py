@@ -18,21 +18,21 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..json_lines import iter_json_lines
 from ..templates import template_family
-from .mixture import (
-    InstructionMixture,
+from .mixture import InstructionMixture, mixture_collator
+from .sources import (
     MixtureSource,
-    _as_sources,
-    _check_column_names,
-    _check_columns,
-    _collator,
-    _image_root,
-    _instruction_record,
-    _is_map_style,
-    _prepare_row,
-    _refuse_split_dicts,
-    _shards_itself,
+    as_sources,
+    check_column_names,
+    check_columns,
+    image_root_of,
+    is_map_style,
+    prepare_row,
+    refuse_split_dicts,
+    shards_itself,
+    source_record,
 )
-from .sampler import _check_int, _check_weight, mixture_weights
+from ..model.validation import check_int, check_weight
+from .sampler import mixture_weights
 
 _CHOICE_STREAM = 2  # numpy stream tag of the streaming mixture's source draws (the sampler uses 0 and 1)
 _CHOICE_CHUNK = 1024  # source draws per numpy call
@@ -46,7 +46,7 @@ def _stream_probabilities(
     normalised (the `BalancedConcatSampler` rule) when every size is known."""
     names = [source.name for source in sources]
     if probabilities is None:
-        sizes = [len(source.data) if _is_map_style(source.data) else None for source in sources]
+        sizes = [len(source.data) if is_map_style(source.data) else None for source in sources]
         unknown = [name for name, size in zip(names, sizes) if size is None]
         if unknown:
             raise ValueError(f"probabilities: the sizes of {unknown} are unknown (iterable sources and JSON-lines "
@@ -58,11 +58,11 @@ def _stream_probabilities(
     elif isinstance(probabilities, Mapping):
         if set(probabilities) != set(names):
             raise ValueError(f"probabilities: expected one per source {names}, got keys {list(probabilities)}")
-        weights = [_check_weight(f"probabilities[{name!r}]", probabilities[name]) for name in names]
+        weights = [check_weight(f"probabilities[{name!r}]", probabilities[name]) for name in names]
     elif isinstance(probabilities, Sequence) and not isinstance(probabilities, (str, bytes)):
         if len(probabilities) != len(names):
             raise ValueError(f"probabilities: expected one per source ({len(names)}), got {len(probabilities)}")
-        weights = [_check_weight(f"probabilities[{i}]", p) for i, p in enumerate(probabilities)]
+        weights = [check_weight(f"probabilities[{i}]", p) for i, p in enumerate(probabilities)]
     else:
         raise TypeError(f"probabilities: expected a list or a {{name: p}} dict, got {type(probabilities).__name__}")
     total = sum(weights)
@@ -106,27 +106,27 @@ class StreamingInstructionMixture(IterableDataset):
         multipliers: Sequence[float] | Mapping[str | int, float] | None = None, size_cap: int | None = None,
         seed: int = 0,
     ) -> None:
-        self.sources = _as_sources(sources)
+        self.sources = as_sources(sources)
         for source in self.sources:
             self._check_source(source)
-        self.columns = [_check_columns(source.columns, source.name) for source in self.sources]
+        self.columns = [check_columns(source.columns, source.name) for source in self.sources]
         for source, columns in zip(self.sources, self.columns):
-            _check_column_names(source.data, columns, source.name)
+            check_column_names(source.data, columns, source.name)
         self.names: tuple[str, ...] = tuple(source.name for source in self.sources)
         self.probabilities = _stream_probabilities(self.sources, probabilities, alpha, multipliers, size_cap)
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
 
     @staticmethod
     def _check_source(source: MixtureSource) -> None:
         data = source.data
-        _refuse_split_dicts(data, source.name)
+        refuse_split_dicts(data, source.name)
         template_family(source.task or source.name)
         if isinstance(data, (str, os.PathLike)):
             if not Path(data).is_file():
                 raise ValueError(f"MixtureSource {source.name!r}: data: expected a JSON-lines file, found no file at "
                                  f"{data}")
             return
-        if _is_map_style(data):
+        if is_map_style(data):
             return
         if isinstance(data, Iterator) or not hasattr(data, "__iter__"):
             raise TypeError(f"MixtureSource {source.name!r}: data: expected a dataset that can be iterated again and "
@@ -166,18 +166,18 @@ class StreamingInstructionMixture(IterableDataset):
 
     @staticmethod
     def _one_pass(data: Any, shard: int, shards: int) -> Iterator[tuple[int, Any]]:
-        if _is_map_style(data):
+        if is_map_style(data):
             return ((i, data[i]) for i in range(shard, len(data), shards))
         rows = (row for _, row in iter_json_lines(data)) if isinstance(data, (str, os.PathLike)) else iter(data)
-        if shards > 1 and _shards_itself(data):  # already this worker's shards: unique indices across workers
+        if shards > 1 and shards_itself(data):  # already this worker's shards: unique indices across workers
             return ((k * shards + shard, row) for k, row in enumerate(rows))
         return ((k, row) for k, row in enumerate(rows) if k % shards == shard)
 
     def _record(self, d: int, index: int, row: Any) -> dict[str, Any]:
         source = self.sources[d]
-        example = _prepare_row(row, self.columns[d], f"{source.name}[{index}]")
-        return _instruction_record(example, source.task or source.name, seed=self.seed, index=index,
-                                   name=source.name, image_root=_image_root(source))
+        example = prepare_row(row, self.columns[d], f"{source.name}[{index}]")
+        return source_record(example, source.task or source.name, seed=self.seed, index=index,
+                                   name=source.name, image_root=image_root_of(source))
 
     def __repr__(self) -> str:
         shares = ", ".join(f"{name}: {p:.4f}" for name, p in zip(self.names, self.probabilities))
@@ -211,5 +211,5 @@ def build_streaming_mixture(
     """
     dataset = StreamingInstructionMixture(sources, probabilities=probabilities, alpha=alpha, multipliers=multipliers,
                                           size_cap=size_cap, seed=seed)
-    return InstructionMixture(dataset=dataset, sampler=None, collator=_collator(processor, decoder_only,
+    return InstructionMixture(dataset=dataset, sampler=None, collator=mixture_collator(processor, decoder_only,
                                                                                collator_kwargs))

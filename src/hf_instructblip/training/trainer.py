@@ -22,62 +22,27 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import os
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Dataset, Sampler
-from transformers import EvalPrediction, GenerationConfig, Seq2SeqTrainer, Trainer
+from transformers import GenerationConfig, Seq2SeqTrainer, Trainer
 from transformers.distributed.fsdp import is_fsdp_managed_module
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PredictionOutput
-from transformers.utils import (
-    ADAPTER_SAFE_WEIGHTS_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    SAFE_WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
-    WEIGHTS_INDEX_NAME,
-    WEIGHTS_NAME,
-)
 
-from ..evaluate.metrics import cider_d, exact_match_accuracy, vqa_accuracy
+from ..model.layout import IGNORE_INDEX, new_tokens
 from ..model.loss import target_labels
-from .collator import IGNORE_INDEX, InstructBlipDataCollator
-from .freezing import (
-    TRAINABLE_WEIGHTS_NAME,
-    instructblip_base,
-    load_trainable_weights,
-    save_trainable_weights,
-    trainable_state_dict,
-)
+from .collator import InstructBlipDataCollator
+from .freezing import instructblip_base
 from .sampler import SamplerEpochCallback
-from .vision_cache import VisionFeatureCache
+from .trainer_glue import InstructBlipTrainerGlue
 
 
-def _undispatched_streams(args: tuple, kwargs: dict[str, Any]) -> tuple:
-    """`Trainer`'s positional arguments, with `dispatch_batches=False` in the `TrainingArguments` (a copy) when the
-    training data is an iterable dataset and the user left it unset: accelerate's default for iterable data (rank 0
-    reads every rank's batch and concatenates them) fails on our batches, whose lengths differ from batch to batch.
-    Each rank then keeps its own slice of the stream."""
-    names = ("model", "args", "data_collator", "train_dataset")
-    given = {**dict(zip(names, args)), **kwargs}
-    training_args, data = given.get("args"), given.get("train_dataset")
-    config = getattr(training_args, "accelerator_config", None)
-    if not isinstance(data, torch.utils.data.IterableDataset) or getattr(config, "dispatch_batches", 0) is not None:
-        return args
-    training_args = copy.copy(training_args)
-    training_args.accelerator_config = dataclasses.replace(config, dispatch_batches=False)
-    if "args" in kwargs:
-        kwargs["args"] = training_args
-        return args
-    return (args[0], training_args, *args[2:])
-
-
-class InstructBlipTrainer(Trainer):
+class InstructBlipTrainer(InstructBlipTrainerGlue, Trainer):
     """`Trainer` for InstructBLIP instruction tuning (Q-Former only, optionally + PEFT adapters).
 
     Args (besides `Trainer`'s):
@@ -112,33 +77,25 @@ class InstructBlipTrainer(Trainer):
         >>> trainer.train()  # logs eval_loss and eval_exact_match every 500 steps
     """
 
-    def __init__(self, *args: Any, train_sampler: Sampler | None = None, save_trainable_only: bool = False,
-                 fused_head_loss: bool = True, vision_feature_cache: VisionFeatureCache | None = None,
+    def __init__(self, *args: Any, train_sampler: Sampler | None = None, fused_head_loss: bool = True,
                  eval_data_collator: Callable | None = None, **kwargs: Any) -> None:
         if train_sampler is not None and not isinstance(train_sampler, Sampler):
             raise TypeError(f"`train_sampler` must be a torch.utils.data.Sampler or None, "
                             f"found {type(train_sampler).__name__}.")
-        for name, value in (("save_trainable_only", save_trainable_only), ("fused_head_loss", fused_head_loss)):
-            if not isinstance(value, bool):
-                raise TypeError(f"`{name}` must be a bool, found {type(value).__name__}.")
-        if vision_feature_cache is not None and not isinstance(vision_feature_cache, VisionFeatureCache):
-            raise TypeError(f"`vision_feature_cache` must be a VisionFeatureCache or None, "
-                            f"found {type(vision_feature_cache).__name__}.")
+        if not isinstance(fused_head_loss, bool):
+            raise TypeError(f"`fused_head_loss` must be a bool, found {type(fused_head_loss).__name__}.")
         if eval_data_collator is not None and not callable(eval_data_collator):
             raise TypeError(f"`eval_data_collator` must be a callable (records -> batch) or None, "
                             f"found {type(eval_data_collator).__name__}.")
         self.train_sampler = train_sampler
-        self.save_trainable_only = save_trainable_only
         self.fused_head_loss = fused_head_loss
-        self.vision_feature_cache = vision_feature_cache
         self._dataset_samples: dict[str, int] = defaultdict(int)  # cumulative, per dataset name
         self._dataset_loss: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # since last log: sum, tokens
         self._pending_loss: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []  # on device until a log step
-        super().__init__(*_undispatched_streams(args, kwargs), **kwargs)
+        super().__init__(*args, **kwargs)  # InstructBlipTrainerGlue: save_trainable_only, vision_feature_cache
         self.args = copy.copy(self.args)  # leave the caller's TrainingArguments as they were
         self.args.remove_unused_columns = False  # the collator needs the raw record fields
         self._add_sampler_epoch_callback()
-        self._check_fsdp()
         self.eval_data_collator = self._evaluation_collator(eval_data_collator)
         config = instructblip_base(self.model).config
         self._check_collator(config)
@@ -175,22 +132,6 @@ class InstructBlipTrainer(Trainer):
         callbacks = self.callback_handler.callbacks
         if not any(isinstance(cb, SamplerEpochCallback) and cb.sampler is sampler for cb in callbacks):
             self.add_callback(SamplerEpochCallback(sampler))
-
-    def _check_fsdp(self) -> None:
-        """Refuse what FSDP cannot run: the vision cache calls the vision encoder outside the sharded model's forward
-        (its embeddings would still be shards), and FSDP1 keeps trained weights as flat shards we do not gather."""
-        if not self.is_fsdp_enabled:
-            return
-        if self.vision_feature_cache is not None:
-            raise ValueError("`vision_feature_cache` cannot be used under FSDP (the vision encoder runs outside the "
-                             "sharded forward); leave it out, or train with DDP or DeepSpeed.")
-        version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
-        if self.save_trainable_only and version != 2:
-            raise ValueError(f"`save_trainable_only=True` under FSDP needs FSDP2 (fsdp_config={{'version': 2}}, the "
-                             f"default), found FSDP version {version}.")
-
-    def _sharded_fsdp_checkpoints(self) -> bool:
-        return self.is_fsdp_enabled and "SHARDED" in str(self.accelerator.state.fsdp_plugin.state_dict_type)
 
     def _check_collator(self, config) -> None:
         """Catch a collator built for another LLM kind or image token before the first step does."""
@@ -260,7 +201,7 @@ class InstructBlipTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """`Trainer.compute_loss` after removing the `dataset` names, which are recorded for the logs, and looking
         `image_ids` up in the vision feature cache."""
-        inputs = self._model_inputs(model, inputs)
+        inputs = self.model_inputs(model, inputs, keep=("dataset",))
         names = inputs.pop("dataset", None)
         if model.training and self.fused_head_loss and "labels" in inputs:
             inputs["fused_head_loss"] = True
@@ -280,11 +221,9 @@ class InstructBlipTrainer(Trainer):
         batches take their loss on the training layout; with `predict_with_generate` the predictions are the
         generated ids `[B, N]` without the prompt."""
         inputs = self._prepare_inputs(inputs)
-        inputs = {k: v for k, v in self._model_inputs(model, inputs).items() if k != "dataset"}
-        loss_inputs = inputs
-        collator = self.eval_data_collator
-        if isinstance(collator, InstructBlipDataCollator) and collator.prompt_only and "labels" in inputs:
-            loss_inputs = collator.training_layout(inputs)  # decoder-only: prompt + answer, labels on the answer
+        inputs = self.model_inputs(model, inputs)
+        # Decoder-only prompt-only batches carry the training layout of the same records for the loss.
+        loss_inputs = {**inputs, **inputs.pop("loss_inputs", {})}
         if not self._predict_with_generate or prediction_loss_only:
             return super().prediction_step(model, loss_inputs, prediction_loss_only, ignore_keys=ignore_keys)
         loss = None
@@ -294,16 +233,9 @@ class InstructBlipTrainer(Trainer):
         # Every process must step together while sharded weights are gathered (as `Seq2SeqTrainer` decides it).
         synced_gpus = is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self.model)
         generated = self.model.generate(**generation_inputs, **{"synced_gpus": synced_gpus, **self._gen_kwargs})
-        if self._shift:  # decoder-only `generate` returns [B, L_prompt + N]: the prompt, then the new tokens
-            generated = generated[:, generation_inputs["input_ids"].shape[1]:]
+        # decoder-only `generate` returns [B, L_prompt + N]: the prompt, then the new tokens
+        generated = new_tokens(generated, generation_inputs["input_ids"] if self._shift else None)
         return loss, generated, inputs.get("labels")  # [B, N], [B, L_answer]
-
-    def _model_inputs(self, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-        """`image_ids` -> cached `image_embeds` with a cache; dropped without one (the model does not take them)."""
-        if self.vision_feature_cache is None:
-            return {k: v for k, v in inputs.items() if k != "image_ids"}
-        base = instructblip_base(self.accelerator.unwrap_model(model))
-        return self.vision_feature_cache.model_inputs(base, inputs)
 
     def _record(self, names: list[str], token_losses: torch.Tensor, labels: torch.Tensor) -> None:
         """Per-dataset sample counts now; per-row loss sums and token counts `[B]` stay on the device until the
@@ -342,120 +274,3 @@ class InstructBlipTrainer(Trainer):
             logs = {**logs, **self._dataset_logs()}
         super().log(logs, *args, **kwargs)
 
-    # --- checkpoints --------------------------------------------------------------------------------------
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Full model (or PEFT adapter) as `Trainer` does, or only the trained weights; PEFT runs add those.
-
-        Under FSDP every process must call it (the trained weights are gathered from their shards). With sharded FSDP
-        state dicts `Trainer` writes no full weights; `config.json` is added so that `accelerate merge-weights
-        CKPT/pytorch_model_fsdp_0 CKPT` turns a checkpoint into a `from_pretrained` folder."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        model = self.accelerator.unwrap_model(self.model)
-        peft = instructblip_base(model) is not model  # a PEFT model wraps the InstructBLIP one
-        if self._sharded_fsdp_checkpoints() and self.args.should_save:
-            instructblip_base(model).config.save_pretrained(output_dir)
-        if not self.save_trainable_only:
-            super().save_model(output_dir, _internal_call=_internal_call)
-        elif self.args.should_save:
-            os.makedirs(output_dir, exist_ok=True)
-            if peft:
-                model.save_pretrained(output_dir)  # adapter weights + adapter config only
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
-        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # gathering shards is a collective
-        if (self.save_trainable_only or peft) and (self.args.should_save or sharded):
-            weights = trainable_state_dict(model)  # every process gathers, one writes
-            if self.args.should_save:
-                save_trainable_weights(model, output_dir, weights)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        """Resume: `Trainer`'s loading for full / adapter weights, then `instructblip_trainable.safetensors`."""
-        model = model if model is not None else self.model
-        trainable = os.path.join(resume_from_checkpoint, TRAINABLE_WEIGHTS_NAME)
-        if not os.path.isfile(trainable) or self.is_fsdp_enabled:  # FSDP checkpoints hold every weight, sharded
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        weight_files = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
-                        ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
-        if any(os.path.isfile(os.path.join(resume_from_checkpoint, name)) for name in weight_files):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_trainable_weights(self.accelerator.unwrap_model(model), trainable)
-
-    def _load_best_model(self) -> None:
-        """`Trainer`'s best-model loading, then the best checkpoint's trainable weights (which it does not know)."""
-        best = self.state.best_model_checkpoint
-        if not best or not os.path.isfile(os.path.join(best, TRAINABLE_WEIGHTS_NAME)):
-            return super()._load_best_model()
-        self._load_from_checkpoint(best)
-
-
-# --- compute_metrics for evaluation with generation ------------------------------------------------------------
-GENERATION_METRICS = ("exact_match", "vqa_accuracy", "cider")
-
-
-def generation_metrics(
-    processor: Any, metric: str = "exact_match", references: Sequence | None = None,
-) -> Callable[[EvalPrediction], dict[str, float]]:
-    """A `compute_metrics` for `predict_with_generate` evaluation: decodes the generated answers and scores them
-    with the package's metrics.
-
-    Args:
-        processor: an `InstructBlipProcessor` (or the LLM tokenizer) to decode ids with.
-        metric: "exact_match" (`exact_match_accuracy`, VQA-normalised, one reference per example), "vqa_accuracy"
-            (`vqa_accuracy` against the human answers, usually 10) or "cider" (`cider_d`, captioning).
-        references: the evaluation set's references in its order (evaluation keeps the dataset order): a str per
-            example for "exact_match", a list of str per example otherwise. None: the decoded `label_ids`, i.e.
-            each record's `answer` (not for "vqa_accuracy", whose score needs the human answers: one reference
-            caps it at 1/3).
-
-    Returns a function `EvalPrediction -> {metric: value}`; `Trainer` logs it as `eval_<metric>`.
-
-    Example:
-        >>> answers = [record["answers"] for record in eval_records]  # 10 human answers each
-        >>> trainer = InstructBlipTrainer(..., compute_metrics=generation_metrics(processor, "vqa_accuracy", answers))
-        >>> trainer.evaluate(max_new_tokens=10)["eval_vqa_accuracy"]
-    """
-    tokenizer = getattr(processor, "tokenizer", processor)
-    if not callable(getattr(tokenizer, "batch_decode", None)):
-        raise TypeError(f"`processor` must be an InstructBlipProcessor or a tokenizer (with `batch_decode`), "
-                        f"found {type(processor).__name__}.")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("The tokenizer has neither a pad nor an eos token to decode padding (-100) with; set one.")
-    if metric not in GENERATION_METRICS:
-        raise ValueError(f"`metric` must be one of {GENERATION_METRICS}, found {metric!r}.")
-    if references is not None:
-        references = list(references)
-        for i, refs in enumerate(references):
-            valid = isinstance(refs, str) if metric == "exact_match" else (
-                isinstance(refs, Sequence) and not isinstance(refs, str) and all(isinstance(r, str) for r in refs))
-            if not valid:
-                expected = "a str" if metric == "exact_match" else "a list of str"
-                raise TypeError(f"`references[{i}]` must be {expected} for metric={metric!r}, found {refs!r}.")
-    elif metric == "vqa_accuracy":
-        raise ValueError("metric='vqa_accuracy' scores an answer against the human answers (usually 10); pass them "
-                         "as `references` (one list per example), or use metric='exact_match' for one reference.")
-
-    def decode(ids: Any, name: str) -> list[str]:
-        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            found = f"array {ids.dtype} {list(ids.shape)}" if isinstance(ids, np.ndarray) else type(ids).__name__
-            raise ValueError(f"`{name}` must be token ids [examples, tokens] (set predict_with_generate=True in "
-                             f"Seq2SeqTrainingArguments), found {found}.")
-        ids = np.where(ids < 0, pad, ids)  # -100: the evaluation loop's / the collator's padding
-        return [text.strip() for text in tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
-
-    def compute_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
-        predictions = decode(eval_prediction.predictions, "predictions")
-        refs = references
-        if refs is None:
-            if eval_prediction.label_ids is None:
-                raise ValueError("The evaluation batches carry no labels: give the records an `answer`, or pass "
-                                 "`references` to generation_metrics.")
-            refs = decode(eval_prediction.label_ids, "label_ids")
-            refs = refs if metric == "exact_match" else [[ref] for ref in refs]
-        if metric == "exact_match":
-            return {metric: exact_match_accuracy(predictions, refs)}
-        if metric == "vqa_accuracy":
-            return {metric: vqa_accuracy(predictions, refs)}
-        return {metric: cider_d(predictions, refs).score}
-
-    return compute_metrics
