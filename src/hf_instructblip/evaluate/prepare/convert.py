@@ -93,8 +93,8 @@ def prepare_dataset(dataset: str, annotations: str | os.PathLike, images: str | 
     if not records:
         raise ValueError(f"{annotations}: no {dataset} record to write (left out: {dict(skipped)}); is it the file "
                          f"{SOURCES[dataset].annotations!r}?")
+    output.parent.mkdir(parents=True, exist_ok=True)  # before the check: "out/../images" needs "out" to exist
     _check_loadable(dataset, records, output.resolve().parent)
-    output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")  # a crash leaves no half-written data file behind
     with open(partial, "w", encoding="utf-8") as handle:
         for record in records:

@@ -47,8 +47,9 @@ def visdial(annotations: str | os.PathLike, paths: Paths, **_: Any) -> Conversio
         for earlier in range(r):
             turn = dialog["dialog"][earlier]
             t_at = f"{where(annotations, d, image_id)} round {earlier + 1}"
-            history.append(f"q: {_text(questions, 'questions', field(turn, 'question', 'int', t_at), 'question', t_at)} "
-                           f"a: {_text(answers, 'answers', field(turn, 'answer', 'int', t_at), 'answer', t_at)}")
+            asked = _text(questions, "questions", field(turn, "question", "int", t_at), "question", t_at)
+            answered = _text(answers, "answers", field(turn, "answer", "int", t_at), "answer", t_at)
+            history.append(f"q: {asked} a: {answered}")
         turn = dialog["dialog"][r]
         options = field(turn, "answer_options", "ints", at)
         if len(options) != 100:
