@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, PretrainedConfig
 from transformers.utils.logging import tqdm  # honours transformers' disable_progress_bar()
 
-from checkpoint_io import load_llm, load_state_dict_file
+from hf_instructblip.conversion.checkpoint_io import load_llm, load_state_dict_file
 from flavours import FLAVOURS, is_vicuna, lavis_generation_config, model_config_kwargs, text_config_for
 from hf_instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration
-from lavis_mapping import (
+from hf_instructblip.conversion.lavis_mapping import (
     ConversionError,
     MappingResult,
     TargetSpec,
