@@ -8,7 +8,11 @@ mapping (the recipe in the issue), not by the package's tables.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +184,39 @@ def test_bad_sources_get_clear_errors(root, tmp_path):
     torch.save({"model": {"visual_encoder.cls_token": torch.zeros(1, 1, 32)}}, tmp_path / "vit_only.pth")
     with pytest.raises(ValueError, match=r"`blip2`: .* no Q-Former"):
         from_blip2(str(tmp_path / "vit_only.pth"), str(folder / "llama"), str(folder / "bert"))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def run_script(path: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(path), *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=240)
+
+
+def test_cli_writes_a_folder_and_reports_provenance(root, tmp_path):
+    folder, built = root
+    done = run_script(ROOT / "conversion" / "from_blip2.py", "--blip2", str(folder / "blip2_48"), "--language-model",
+                      str(folder / "t5"), "--qformer-text", str(folder / "bert"), "--output", str(tmp_path / "out"),
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^projection: 2 tensors from new$", done.stdout, re.M)
+    assert re.search(r"^new: language_projection.weight \(N\(0, ", done.stdout, re.M)
+    model = AutoModel.from_pretrained(tmp_path / "out")
+    assert torch.equal(model.qformer.embeddings.word_embeddings.weight,
+                       built["bert"]["bert.embeddings.word_embeddings.weight"])
+    assert model.generation_config.num_beams == 5  # LAVIS's defaults
+    failed = run_script(ROOT / "conversion" / "from_blip2.py", "--blip2", str(folder / "blip2_32"),
+                        "--language-model", str(folder / "llama"), "--output", str(tmp_path / "none"), cwd=tmp_path)
+    assert failed.returncode == 1 and "`qformer_text` is required" in failed.stderr
+
+
+def test_example_builds_trains_saves_and_reloads(tmp_path):
+    done = run_script(ROOT / "examples" / "from_blip2.py", "--steps", "4", "--batch-size", "4", "--output-dir",
+                      str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^Q-Former text side: \d+ tensors from qformer_text", done.stdout, re.M)
+    assert re.search(r"training loss [\d.]+ -> [\d.]+; held-in accuracy", done.stdout)
+    assert "reloaded with AutoModel as InstructBlipForConditionalGeneration; same answers: True" in done.stdout
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
