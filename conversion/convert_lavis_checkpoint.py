@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, PretrainedConfig
 from transformers.utils.logging import tqdm  # honours transformers' disable_progress_bar()
 
-from checkpoint_io import load_llm, load_state_dict_file
+from hf_instructblip.conversion.checkpoint_io import load_llm, load_state_dict_file
 from flavours import FLAVOURS, is_vicuna, lavis_generation_config, model_config_kwargs, text_config_for
 from hf_instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration
-from lavis_mapping import (
+from hf_instructblip.conversion.lavis_mapping import (
     ConversionError,
     MappingResult,
     TargetSpec,
@@ -174,9 +174,8 @@ def build_processor(config: InstructBlipConfig, flavour: str | None, qformer_tok
     """
     if not (qformer_tok and llm_tok):
         return None, "processor: skipped (pass --qformer-tokenizer and --llm-tokenizer to write it)"
+    from hf_instructblip.blip2.assembly import lavis_image_processor
     from hf_instructblip.model.processing import InstructBlipProcessor
-    from transformers import BlipImageProcessor
-    from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     qformer_tokenizer = AutoTokenizer.from_pretrained(qformer_tok, truncation_side="left")
     if "[DEC]" not in qformer_tokenizer.get_vocab():
@@ -186,10 +185,7 @@ def build_processor(config: InstructBlipConfig, flavour: str | None, qformer_tok
         tokenizer.add_special_tokens(
             {"pad_token": "[PAD]", "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>"}
         )
-    size = config.vision_config.image_size
-    image_processor = BlipImageProcessor(  # LAVIS's eval transform: bicubic resize, CLIP mean/std
-        size={"height": size, "width": size}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD
-    )
+    image_processor = lavis_image_processor(config.vision_config.image_size)  # bicubic resize, CLIP mean/std
     processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                       qformer_tokenizer=qformer_tokenizer, num_query_tokens=config.num_query_tokens)
     if processor.image_token_id != config.image_token_index:

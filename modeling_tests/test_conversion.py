@@ -26,9 +26,9 @@ from hf_instructblip import InstructBlipConfig, InstructBlipForConditionalGenera
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conversion"))
 import convert_lavis_checkpoint as cli  # noqa: E402
-from checkpoint_io import load_state_dict_file  # noqa: E402
+from hf_instructblip.conversion.checkpoint_io import load_state_dict_file  # noqa: E402
 from flavours import FLAVOURS, model_config_kwargs, text_config_for  # noqa: E402
-from lavis_mapping import ConversionError, TargetSpec, convert_state_dict  # noqa: E402
+from hf_instructblip.conversion.lavis_mapping import ConversionError, TargetSpec, convert_state_dict  # noqa: E402
 
 KINDS = ("llama", "t5")
 ROOT = Path(__file__).resolve().parents[1]
@@ -495,7 +495,7 @@ def progress_bars():
 
 
 def test_weights_are_read_under_progress_bars_that_change_nothing(tmp_path, capsys, progress_bars):
-    from checkpoint_io import load_llm
+    from hf_instructblip.conversion.checkpoint_io import load_llm
 
     folder = tmp_path / "llm"
     tiny.text_config("llama").save_pretrained(folder)

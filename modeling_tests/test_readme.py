@@ -1,7 +1,8 @@
 """Every Python snippet of README.md runs, in order, as written, against a small local checkpoint.
 
 The checkpoint id of the README (`Salesforce/instructblip-vicuna-7b`) is a relative path here, where the test
-saves the examples' small shapes model under that name, and `photo.jpg` is a procedural image: nothing downloads.
+saves the examples' small shapes model under that name (and tiny random BLIP-2, LLM and BERT folders under the BLIP-2
+start's ids), and `photo.jpg` is a procedural image: nothing downloads.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import shapes  # noqa: E402
+
+import blip2_sources  # noqa: E402
 
 
 def python_snippets() -> list[str]:
@@ -39,6 +42,10 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
     model.save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
     shapes.draw_shape("red", "circle", np.random.default_rng(0)).save(tmp_path / "photo.jpg")
+    # The BLIP-2 start's ids, as tiny random local folders of the same names.
+    blip2_sources.blip2_folder(tmp_path / "Salesforce" / "blip2-flan-t5-xl", "opt")
+    blip2_sources.llm_folder(tmp_path / "Qwen" / "Qwen2.5-7B-Instruct", "llama")
+    blip2_sources.bert_folder(tmp_path / "bert-base-uncased")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for snippet in snippets:

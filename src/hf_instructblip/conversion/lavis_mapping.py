@@ -53,7 +53,7 @@ RENAMES: tuple[tuple[str, str], ...] = (
     (r"Qformer\.bert\.encoder\.layer\.(\d+)\.(output|output_query)\.(dense|LayerNorm)\.(weight|bias)",
      r"qformer.encoder.layer.\1.\2.\3.\4"),
     # Q-Former -> LLM projection, and the LLM (its HF state dict under a LAVIS prefix)
-    (r"(?:t5_proj|llm_proj)\.(weight|bias)", r"language_projection.\1"),
+    (r"(?:t5_proj|llm_proj|opt_proj)\.(weight|bias)", r"language_projection.\1"),  # opt_proj: BLIP-2 OPT
     (r"(?:t5_model|llm_model)\.(.+)", r"language_model.\1"),
 )
 
