@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from flavours import lavis_generation_config
-from hf_instructblip.blip2.assembly import from_blip2
+from hf_instructblip import from_blip2
 
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/shapes.py, 
 import shapes  # noqa: E402
 
 import hf_instructblip  # noqa: E402,F401  (registers the Auto classes)
-from hf_instructblip.blip2.assembly import from_blip2  # noqa: E402
+from hf_instructblip import from_blip2  # noqa: E402
 from hf_instructblip.training.freezing import freeze_for_instruction_tuning  # noqa: E402
 from hf_instructblip.training.mixture import MixtureSource, build_instruction_mixture  # noqa: E402
 from hf_instructblip.training.trainer import InstructBlipTrainer  # noqa: E402

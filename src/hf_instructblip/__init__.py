@@ -31,6 +31,7 @@ _LAZY = {
     "BalancedConcatSampler": ".training.sampler",
     "CandidateRanking": ".evaluate.ranking",
     "CiderResult": ".evaluate.metrics",
+    "FromBlip2Result": ".blip2.assembly",
     "InstructBlipDataCollator": ".training.collator",
     "InstructBlipSFTTrainer": ".training.sft",
     "InstructBlipTrainer": ".training.trainer",
@@ -39,6 +40,7 @@ _LAZY = {
     "LocalHubApi": ".hub",
     "MixtureSource": ".training.sources",
     "ParameterTable": ".training.freezing",
+    "Provenance": ".blip2.provenance",
     "SamplerEpochCallback": ".training.sampler",
     "StreamingInstructionMixture": ".training.streaming",
     "VisionFeatureCache": ".training.vision_cache",
@@ -48,6 +50,7 @@ _LAZY = {
     "eval_prompt": ".templates",
     "exact_match_accuracy": ".evaluate.metrics",
     "freeze_for_instruction_tuning": ".training.freezing",
+    "from_blip2": ".blip2.assembly",
     "generation_metrics": ".evaluate.generation_metrics",
     "load_trainable_weights": ".training.freezing",
     "make_instruction_record": ".templates",
@@ -71,6 +74,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .blip2.assembly import FromBlip2Result, from_blip2
+    from .blip2.provenance import Provenance
     from .evaluate.generation_metrics import generation_metrics
     from .evaluate.metrics import (
         CiderResult,

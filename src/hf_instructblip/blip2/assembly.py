@@ -23,7 +23,7 @@ from ..model.configuration import InstructBlipConfig
 from ..model.modeling import InstructBlipForConditionalGeneration
 from ..model.processing import QFORMER_MAX_LENGTH, InstructBlipProcessor, sync_image_token
 from .language_model import check_language_model, load_language_model
-from .layout import is_text_side
+from .keys import is_text_side
 from .provenance import NEW, Provenance
 from .sources import SourceWeights, read_blip2, read_text_side
 

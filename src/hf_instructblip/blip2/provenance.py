@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .layout import group_of
+from .keys import group_of
 
 NEW = "new"
 

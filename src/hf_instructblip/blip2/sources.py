@@ -24,10 +24,10 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from ..conversion.checkpoint_io import load_state_dict_file
-from ..conversion.lavis_mapping import DROPS as LAVIS_DROPS
+from ..conversion.lavis_keys import DROPS as LAVIS_DROPS
 from ..conversion.lavis_mapping import compose_lavis_state_dict, fuse_qv_bias, rename
 from ..model.configuration import InstructBlipQFormerConfig, InstructBlipVisionConfig
-from .layout import (
+from .keys import (
     BERT_TEXT_DROPS,
     BERT_TEXT_RENAMES,
     HF_BLIP2_DROPS,
