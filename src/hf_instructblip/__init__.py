@@ -25,81 +25,42 @@ from .model.processing_video import HfInstructBlipVideoProcessor, InstructBlipVi
 from .model.qformer import InstructBlipQFormerModel
 from .model.vision_encoder import InstructBlipVisionModel
 
-# Public names loaded on first use: name -> the module that defines it. `TYPE_CHECKING` below lists the same
-# imports for type checkers and IDEs (a test keeps the two in step).
-_LAZY = {
-    "BalancedConcatSampler": ".training.sampler",
-    "CandidateRanking": ".evaluate.ranking",
-    "CiderResult": ".evaluate.metrics",
-    "FromBlip2Result": ".blip2.assembly",
-    "InstructBlipDataCollator": ".training.collator",
-    "InstructBlipSFTTrainer": ".training.sft",
-    "InstructBlipTrainer": ".training.trainer",
-    "InstructionDataset": ".training.mixture",
-    "InstructionMixture": ".training.mixture",
-    "LocalHubApi": ".hub",
-    "MixtureSource": ".training.sources",
-    "ParameterTable": ".training.freezing",
-    "Provenance": ".blip2.provenance",
-    "SamplerEpochCallback": ".training.sampler",
-    "StreamingInstructionMixture": ".training.streaming",
-    "VisionFeatureCache": ".training.vision_cache",
-    "build_instruction_mixture": ".training.mixture",
-    "build_streaming_mixture": ".training.streaming",
-    "cider_d": ".evaluate.metrics",
-    "eval_prompt": ".templates",
-    "exact_match_accuracy": ".evaluate.metrics",
-    "freeze_for_instruction_tuning": ".training.freezing",
-    "from_blip2": ".blip2.assembly",
-    "generation_metrics": ".evaluate.generation_metrics",
-    "load_trainable_weights": ".training.freezing",
-    "make_instruction_record": ".templates",
-    "mean_reciprocal_rank": ".evaluate.metrics",
-    "model_card": ".hub",
-    "most_frequent_answer": ".training.sources",
-    "normalize_vqa_answer": ".evaluate.metrics",
-    "parameter_table": ".training.freezing",
-    "push_to_hub": ".hub",
-    "push_trainable_to_hub": ".hub",
-    "rank_candidates": ".evaluate.ranking",
-    "roc_auc": ".evaluate.metrics",
-    "save_trainable_weights": ".training.freezing",
-    "target_rank": ".evaluate.metrics",
-    "template_family": ".templates",
-    "templates_for": ".templates",
-    "trainable_card": ".hub",
-    "trainable_state_dict": ".training.freezing",
-    "vqa_accuracy": ".evaluate.metrics",
-    "vqa_example_accuracy": ".evaluate.metrics",
+# Public names loaded on first use, by defining module. `TYPE_CHECKING` below lists the same imports for type
+# checkers and IDEs (a test keeps the two in step).
+_LAZY_MODULES = {
+    ".blip2.assembly": ("FromBlip2Result", "from_blip2"),
+    ".blip2.provenance": ("Provenance",),
+    ".evaluate.generation_metrics": ("generation_metrics",),
+    ".evaluate.metrics": ("CiderResult", "cider_d", "exact_match_accuracy", "mean_reciprocal_rank",
+                          "normalize_vqa_answer", "roc_auc", "target_rank", "vqa_accuracy", "vqa_example_accuracy"),
+    ".evaluate.ranking": ("CandidateRanking", "rank_candidates"),
+    ".hub": ("LocalHubApi", "model_card", "push_to_hub", "push_trainable_to_hub", "trainable_card"),
+    ".templates": ("eval_prompt", "make_instruction_record", "template_family", "templates_for"),
+    ".training.collator": ("InstructBlipDataCollator",),
+    ".training.freezing": ("ParameterTable", "freeze_for_instruction_tuning", "load_trainable_weights",
+                           "parameter_table", "save_trainable_weights", "trainable_state_dict"),
+    ".training.mixture": ("InstructionDataset", "InstructionMixture", "build_instruction_mixture"),
+    ".training.sampler": ("BalancedConcatSampler", "SamplerEpochCallback"),
+    ".training.sft": ("InstructBlipSFTTrainer",),
+    ".training.sources": ("MixtureSource", "most_frequent_answer"),
+    ".training.streaming": ("StreamingInstructionMixture", "build_streaming_mixture"),
+    ".training.trainer": ("InstructBlipTrainer",),
+    ".training.vision_cache": ("VisionFeatureCache",),
 }
+_LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in names}
 
 if TYPE_CHECKING:
     from .blip2.assembly import FromBlip2Result, from_blip2
     from .blip2.provenance import Provenance
     from .evaluate.generation_metrics import generation_metrics
-    from .evaluate.metrics import (
-        CiderResult,
-        cider_d,
-        exact_match_accuracy,
-        mean_reciprocal_rank,
-        normalize_vqa_answer,
-        roc_auc,
-        target_rank,
-        vqa_accuracy,
-        vqa_example_accuracy,
-    )
+    from .evaluate.metrics import (CiderResult, cider_d, exact_match_accuracy, mean_reciprocal_rank,
+                                   normalize_vqa_answer, roc_auc, target_rank, vqa_accuracy, vqa_example_accuracy)
     from .evaluate.ranking import CandidateRanking, rank_candidates
     from .hub import LocalHubApi, model_card, push_to_hub, push_trainable_to_hub, trainable_card
     from .templates import eval_prompt, make_instruction_record, template_family, templates_for
     from .training.collator import InstructBlipDataCollator
-    from .training.freezing import (
-        ParameterTable,
-        freeze_for_instruction_tuning,
-        load_trainable_weights,
-        parameter_table,
-        save_trainable_weights,
-        trainable_state_dict,
-    )
+    from .training.freezing import (ParameterTable, freeze_for_instruction_tuning, load_trainable_weights,
+                                    parameter_table, save_trainable_weights, trainable_state_dict)
     from .training.mixture import InstructionDataset, InstructionMixture, build_instruction_mixture
     from .training.sampler import BalancedConcatSampler, SamplerEpochCallback
     from .training.sft import InstructBlipSFTTrainer
@@ -110,23 +71,11 @@ if TYPE_CHECKING:
 
 register()
 
-_EAGER = [
-    "HfInstructBlipProcessor",
-    "HfInstructBlipVideoProcessor",
-    "InstructBlipConfig",
-    "InstructBlipForConditionalGeneration",
-    "InstructBlipModel",
-    "InstructBlipPreTrainedModel",
-    "InstructBlipProcessor",
-    "InstructBlipQFormerConfig",
-    "InstructBlipQFormerModel",
-    "InstructBlipVideoConfig",
-    "InstructBlipVideoForConditionalGeneration",
-    "InstructBlipVideoProcessor",
-    "InstructBlipVisionConfig",
-    "InstructBlipVisionModel",
-    "sync_image_token",
-    "use_for_official_checkpoints",
+_EAGER = [  # the drop-in names; HfInstructBlip(Video)Processor, the classes' own names, stay importable
+    "InstructBlipConfig", "InstructBlipForConditionalGeneration", "InstructBlipModel",
+    "InstructBlipPreTrainedModel", "InstructBlipProcessor", "InstructBlipQFormerConfig", "InstructBlipQFormerModel",
+    "InstructBlipVideoConfig", "InstructBlipVideoForConditionalGeneration", "InstructBlipVideoProcessor",
+    "InstructBlipVisionConfig", "InstructBlipVisionModel", "sync_image_token", "use_for_official_checkpoints",
 ]
 # TRL is optional: `InstructBlipSFTTrainer` loads on use but stays out of `from hf_instructblip import *`.
 __all__ = sorted([*_EAGER, *(name for name in _LAZY if name != "InstructBlipSFTTrainer")])

@@ -22,6 +22,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, Mo
 from torch import nn
 
 from .hub_ids import is_hub_id, repo_id_problem
+from .templates import generation_preset
 from .training.freezing import TRAINABLE_WEIGHTS_NAME, instructblip_base, save_trainable_weights
 
 CARD_NAME = "README.md"
@@ -67,6 +68,10 @@ def _hub_base_model(model: nn.Module) -> str | None:
 
 
 # --- model cards ------------------------------------------------------------------------------------------
+# The usage snippet's `generate` settings: LAVIS's preset, from the package data (templates).
+_LAVIS_SETTINGS = ", ".join(f"{key}={value!r}" for key, value in generation_preset("lavis").items())
+
+
 def _card(body: str, library_name: str, base_model: str | None, license: str | None, datasets: list[str],
           tags: list[str]) -> ModelCard:
     """YAML metadata, `body` and a licence note."""
@@ -111,7 +116,7 @@ from transformers import AutoModel, AutoProcessor
 model = AutoModel.from_pretrained("{repo_id}")
 processor = AutoProcessor.from_pretrained("{repo_id}")
 inputs = processor(images=image, text="What is unusual about this image?", return_tensors="pt")
-generated = model.generate(**inputs, num_beams=5, max_new_tokens=256, repetition_penalty=1.5)
+generated = model.generate(**inputs, {_LAVIS_SETTINGS})  # LAVIS's defaults
 print(processor.post_process_generation(generated, inputs["input_ids"]))  # decoder-only LLMs echo the prompt
 # encoder-decoder (Flan-T5) LLMs: processor.post_process_generation(generated)
 ```

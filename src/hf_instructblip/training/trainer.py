@@ -1,22 +1,14 @@
 """`InstructBlipTrainer`: the stock `Trainer`, fitted to InstructBLIP instruction tuning.
 
-What it changes, and why:
+What it changes, and why (besides `InstructBlipTrainerGlue`, shared with the TRL trainer):
 - `remove_unused_columns` is turned off: `InstructBlipDataCollator` reads raw record fields (`image`,
   `instruction`, `answer`) that the model's `forward` does not take, so the default would hand it empty dicts.
-- gradient accumulation is exact on both LLM paths: the model normalises its own loss by `num_items_in_batch`,
-  which `Trainer` counts over shifted labels only for decoder-only LLMs (the config's `is_encoder_decoder`
-  mirrors the LLM's: for T5 every label is a target).
+- gradient accumulation is exact on both LLM paths: the model normalises its own loss by `num_items_in_batch`.
 - records named by `dataset` get per-dataset sample counts and loss in the logs.
-- PEFT runs also save `instructblip_trainable.safetensors` next to the adapter: the Q-Former is not part of it.
-- under FSDP2 and ZeRO-3 the trained weights are gathered from their shards before they are written; resuming under
-  FSDP reads the FSDP checkpoint `Trainer` writes (it holds every weight).
-- evaluation with generation (`Seq2SeqTrainingArguments(predict_with_generate=True)`, as `Seq2SeqTrainer` reads
-  it): evaluation batches hold the prompt alone (the training collator would put the answer in the inputs and
-  `generate` would continue after it), `compute_metrics` gets the new tokens only (decoder-only `generate` echoes
-  the prompt), and the evaluation loss is still taken on the training layout. `generation_metrics` builds a
-  `compute_metrics` from the package's VQA accuracy, exact match and CIDEr-D.
+- evaluation with generation (`Seq2SeqTrainingArguments(predict_with_generate=True)`): evaluation batches hold the
+  prompt alone, `compute_metrics` gets the new tokens only, and the evaluation loss is still taken on the training
+  layout (`evaluate.generation_metrics` builds a `compute_metrics`).
 """
-
 from __future__ import annotations
 
 import contextlib
