@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from hf_instructblip.evaluate import runner
+from hf_instructblip.evaluate import cli, runner
 
 APPEND = runner._append  # the runner's row writer
 
@@ -46,7 +46,7 @@ def main(plan_file: Path) -> None:
         die = run.get("die")
         record_appends(plan_file.parent / f"computed-{run['tag']}-{rank}.json",
                        die[1] if die and die[0] == rank else None)
-        if runner.main(run["argv"]) != 0:
+        if cli.main(run["argv"]) != 0:
             sys.exit(2)
 
 

@@ -19,7 +19,8 @@ from hf_instructblip import (
     InstructBlipProcessor,
     sync_image_token,
 )
-from hf_instructblip.evaluate.runner import evaluate, main, read_predictions
+from hf_instructblip.evaluate.cli import main
+from hf_instructblip.evaluate.runner import evaluate, read_predictions
 from hf_instructblip.evaluate.tasks import SCORERS, TASKS, load_records, prepare_examples
 from hf_instructblip.templates import HELD_OUT, HELD_OUT_METRICS, RANKING_DATASETS
 

@@ -23,7 +23,7 @@ import _evaluate_worker
 import hf_instructblip
 from hf_instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
 from hf_instructblip import sync_image_token
-from hf_instructblip.evaluate import runner
+from hf_instructblip.evaluate import cli
 from hf_instructblip.evaluate.data_parallel import Processes, RowCounter, merge_parts, part_files
 
 WORKER = Path(_evaluate_worker.__file__).resolve()
@@ -69,7 +69,7 @@ def one_process(setup: dict[str, Path], task: str, out: Path, *extra: str) -> No
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert runner.main([*cli_args(setup, task, out), "--no-progress", *extra]) == 0
+        assert cli.main([*cli_args(setup, task, out), "--no-progress", *extra]) == 0
     finally:
         torch.set_num_threads(threads)
 
@@ -169,8 +169,8 @@ def test_device_map_auto_gives_the_same_predictions(setup, runs, tmp_path):
 
 
 def test_device_map_with_several_processes_is_refused_before_the_model_loads(setup, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(runner, "launched_processes", lambda: Processes(0, 2))
-    assert runner.main([*cli_args(setup, "iconqa", tmp_path), "--device-map", "auto"]) == 2
+    monkeypatch.setattr(cli, "launched_processes", lambda: Processes(0, 2))
+    assert cli.main([*cli_args(setup, "iconqa", tmp_path), "--device-map", "auto"]) == 2
     assert "`--device-map auto` spreads one process's model over every visible device; found 2" in \
         capsys.readouterr().err
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from hf_instructblip import InstructBlipDataCollator, InstructionDataset
-from hf_instructblip.evaluate.runner import load_records
+from hf_instructblip.evaluate.tasks import load_records
 from hf_instructblip.model.images import load_image
 
 TRANSPARENT_RED = (255, 0, 0, 0)  # fully transparent: composited onto white it is white, not red

@@ -36,7 +36,8 @@ from hf_instructblip import (
     rank_candidates,
     sync_image_token,
 )
-from hf_instructblip.evaluate.runner import evaluate, main
+from hf_instructblip.evaluate.cli import main
+from hf_instructblip.evaluate.runner import evaluate
 from hf_instructblip.evaluate.tasks import load_records, prepare_examples
 from hf_instructblip.model.processing_video import uniform_indices
 

@@ -117,7 +117,7 @@ def visual_field(record: Mapping[str, Any]) -> str:
         >>> visual_field({"video": ["f0.jpg", "f1.jpg"], "question": "What happens?"})
         'video'
     """
-    return "video" if record.get("video") is not None and record.get("image") is None else "image"
+    return "video" if "video" in record and record.get("image") is None else "image"
 
 
 def make_instruction_record(

@@ -20,6 +20,9 @@ _DATA: dict[str, Any] = json.loads(
 
 PAPER_LLMS: tuple[str, ...] = tuple(_DATA["llms"])
 PAPER_SOURCE: Mapping[str, str] = MappingProxyType(dict(_DATA["source"]))
+# llm -> the official checkpoint of that paper row, e.g. "vicuna-7b" -> "Salesforce/instructblip-vicuna-7b"
+PAPER_CHECKPOINTS: Mapping[str, str] = MappingProxyType(
+    {llm: info["checkpoint"] for llm, info in _DATA["llms"].items()})
 # task -> {"column", "split", "metric", "unit", "scores": {llm: value or None}}
 PAPER_ZERO_SHOT: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {task: MappingProxyType(entry) for task, entry in _DATA["tasks"].items()})

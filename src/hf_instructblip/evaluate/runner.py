@@ -5,15 +5,12 @@ answers (`rank_candidates`). Every batch is appended to a JSON-lines predictions
 skips the ids already there (rows made for another prompt or other candidates are refused, not reused); the
 metric is computed from that file once every record has a row.
 
-Command line (every argument, the data file and the predictions file are checked before the model loads):
-    python -m hf_instructblip.evaluate --model PATH --data FILE.jsonl --task NAME [--output-dir DIR]
-Under `torchrun` / `accelerate launch` the processes share the examples (see `data_parallel`); `--device-map auto`
-spreads one process's model over the visible devices.
+Several processes share the examples (`processes`, see `data_parallel`). The command line is `evaluate.cli`; a whole
+held-out suite with the paper's table is `evaluate.suite`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,14 +22,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import BatchFeature
 
-from ..hub_ids import is_hub_id
 from ..json_lines import iter_json_lines
 from ..model.images import load_image
 from ..model.validation import check_choice, check_int
-from .data_parallel import Processes, RowCounter, launched_processes, merge_parts, part_files
+from .data_parallel import Processes, RowCounter, merge_parts, part_files
 from .generation import evaluation_inputs, generate_answers
 from .ranking import REDUCTIONS, rank_candidates
-from .tasks import TASKS, Example, TaskSpec, compute_metric, id_key, load_records, prepare_examples, task_spec
+from .tasks import Example, TaskSpec, compute_metric, id_key, prepare_examples, task_spec
 from .video import VIDEO_TASKS, check_video_processor
 
 # The fields a predictions row needs, by mode: the metric reads them, the resume check compares prompt/candidates.
@@ -103,7 +99,7 @@ def _append(path: Path, rows: list[dict[str, Any]]) -> None:
         os.fsync(handle.fileno())
 
 
-def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
+def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     """Write via a temporary file and rename, so a reader never sees half a metrics file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
@@ -136,7 +132,7 @@ def _rank_batch(model, processor, batch: list[Example], reduction: str, candidat
 
 
 # --- the runner -----------------------------------------------------------------------------------------
-def _prepare(
+def prepare_run(
     task: str, records: Sequence[Mapping[str, Any]], predictions_path: Path, *, batch_size: int, limit: int | None,
     generation_kwargs: Mapping[str, Any] | None, reduction: str, candidate_batch_size: int | None,
 ) -> tuple[TaskSpec, list[Example], dict[str, dict[str, Any]], dict[str, Any]]:
@@ -180,7 +176,7 @@ def evaluate(
         {'task': 'gqa', 'metric': 'exact_match', 'score': 0.49, 'num_examples': 12578, ...}
     """
     predictions_path = Path(predictions_path)
-    spec, examples, done, generation = _prepare(
+    spec, examples, done, generation = prepare_run(
         task, records, predictions_path, batch_size=batch_size, limit=limit, generation_kwargs=generation_kwargs,
         reduction=reduction, candidate_batch_size=candidate_batch_size)
     if task in VIDEO_TASKS:
@@ -224,105 +220,5 @@ def _finish(processes: Processes, task: str, spec: TaskSpec, examples: list[Exam
     metrics = {"task": task, "mode": spec.mode, "metric": spec.metric, "score": score,
                "num_examples": len(examples), "predictions": str(predictions_path), **settings}
     if metrics_path is not None:
-        _write_json(Path(metrics_path), metrics)
+        write_json(Path(metrics_path), metrics)
     return metrics
-
-
-# --- command line ---------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    """argparse type: argparse turns the ValueError of a non-number into "invalid _positive_int value"."""
-    try:
-        return check_int("value", int(text))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hf_instructblip.evaluate",
-                                     description="Zero-shot InstructBLIP evaluation on one held-out task.")
-    parser.add_argument("--model", required=True, help="model folder or Hub id 'owner/name' (model + processor)")
-    parser.add_argument("--data", required=True, type=Path, help="JSON-lines data file")
-    parser.add_argument("--task", required=True, choices=sorted(TASKS))
-    parser.add_argument("--output-dir", type=Path, default=Path("eval_results"),
-                        help="gets TASK_predictions.jsonl (resumed if present) and TASK_metrics.json")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
-    parser.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first LIMIT records only")
-    parser.add_argument("--num-beams", type=_positive_int, default=None, help="override the task's preset")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=None, help="override the task's preset")
-    parser.add_argument("--reduction", choices=REDUCTIONS, default="sum", help="candidate ranking score")
-    parser.add_argument("--candidate-batch-size", type=_positive_int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="'cuda' under torchrun / accelerate launch: process r uses cuda:LOCAL_RANK")
-    parser.add_argument("--device-map", choices=("auto",), default=None,
-                        help="spread the model over every visible device (one process; replaces --device)")
-    # Passed to `from_pretrained` as is: transformers reads "auto" and torch dtype names.
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser
-
-
-def _check_paths(args: argparse.Namespace) -> None:
-    """`--model` an existing model folder or a Hub id, `--data` a file, `--output-dir` not a file."""
-    if Path(args.model).is_dir() and not (Path(args.model) / "config.json").is_file():
-        raise ValueError(f"`--model`: expected a saved model folder (with config.json), found {args.model!r} "
-                         "without config.json.")
-    if not Path(args.model).is_dir() and not is_hub_id(args.model):  # a mistyped local path is reported now
-        raise ValueError(f"`--model`: expected an existing model folder or a Hub id 'owner/name', found "
-                         f"{args.model!r}, which is neither.")
-    if not args.data.is_file():
-        raise ValueError(f"`--data`: expected an existing JSON-lines file, found {str(args.data)!r}.")
-    if args.output_dir.exists() and not args.output_dir.is_dir():
-        raise ValueError(f"`--output-dir`: expected a folder, found the file {str(args.output_dir)!r}.")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point (`python -m hf_instructblip.evaluate --help`); returns the exit status.
-
-    Example:
-        >>> main(["--model", "Salesforce/instructblip-flan-t5-xl", "--data", "gqa.jsonl", "--task", "gqa"])
-        0
-    """
-    args = _parser().parse_args(argv)
-    processes = launched_processes()
-    # Our classes by name: the official Salesforce repos say `model_type: instructblip`, which the Auto classes map
-    # to transformers' own InstructBLIP.
-    from ..model.modeling import InstructBlipForConditionalGeneration
-    from ..model.modeling_video import InstructBlipVideoForConditionalGeneration
-    from ..model.processing import InstructBlipProcessor
-    from ..model.processing_video import InstructBlipVideoProcessor
-
-    predictions = args.output_dir / f"{args.task}_predictions.jsonl"
-    overrides = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
-                 if v is not None}
-    run = dict(batch_size=args.batch_size, limit=args.limit, generation_kwargs=overrides, reduction=args.reduction,
-               candidate_batch_size=args.candidate_batch_size)
-    try:  # everything before the (slow) model load; a bad line is reported with its number
-        _check_paths(args)
-        if args.device_map and processes.world_size > 1:
-            raise ValueError(f"`--device-map auto` spreads one process's model over every visible device; found "
-                             f"{processes.world_size} processes. Launch one, or leave it out to share the examples.")
-        records = load_records(args.data)
-        _prepare(args.task, records, predictions, **run)
-    except (OSError, ValueError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    video = args.task in VIDEO_TASKS  # the same checkpoints, read frame by frame
-    model_class = InstructBlipVideoForConditionalGeneration if video else InstructBlipForConditionalGeneration
-    model = model_class.from_pretrained(args.model, dtype=args.dtype, device_map=args.device_map)
-    model = (model if args.device_map else model.to(_device(args.device, processes))).eval()
-    processor = (InstructBlipVideoProcessor if video else InstructBlipProcessor).from_pretrained(args.model)
-    metrics = evaluate(model, processor, records, args.task, predictions_path=predictions,
-                       progress=not args.no_progress, processes=processes, **run)
-    if processes.is_main:
-        metrics["model"] = args.model
-        _write_json(args.output_dir / f"{args.task}_metrics.json", metrics)
-        print(json.dumps(metrics, indent=2))
-    return 0
-
-
-def _device(device: str, processes: Processes) -> str:
-    """Data parallel on GPUs: each process of a node on its own one."""
-    if device == "cuda" and processes.world_size > 1:
-        return f"cuda:{os.environ.get('LOCAL_RANK', processes.rank)}"
-    return device
-
