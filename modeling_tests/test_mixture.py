@@ -185,3 +185,31 @@ def test_reading_and_checking_show_progress_that_changes_nothing(sources, capsys
         (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
     assert [shown.dataset[k]["instruction"] for k in range(6)] == [hidden.dataset[k]["instruction"] for k in range(6)]
     assert list(shown.sampler) == list(hidden.sampler)
+
+
+def test_multitask_ablations_replace_the_templates_with_the_raw_input(sources):
+    """The paper's Table 4 baselines: the same records, answers and draws, with the raw input alone ("none") or the
+    raw input after "[category:dataset]" ("dataset_name") instead of a template; streaming sources take it too."""
+    from dataclasses import replace
+
+    from hf_instructblip import build_streaming_mixture
+
+    sources, _ = sources
+    styled = {style: build_instruction_mixture([replace(s, instructions=style) for s in sources], seed=1).dataset
+              for style in ("templates", "none", "dataset_name")}
+    for k in range(6):
+        rows = {style: dataset[k] for style, dataset in styled.items()}
+        assert len({row["answer"] for row in rows.values()}) == 1  # the same caption / answer drawn
+    assert styled["none"][0]["instruction"] == ""  # a caption's raw input is the image alone
+    from hf_instructblip import InstructBlipDataCollator
+
+    batch = InstructBlipDataCollator(tiny.processor("llama"), decoder_only=True)([styled["none"][0]])
+    unlabelled = (batch["labels"][0] == -100).sum().item()
+    assert unlabelled == tiny.NUM_QUERY_TOKENS + 1  # [image x Q][bos][answer eos]: no prompt token at all
+    assert styled["none"][3]["instruction"] == "question 1"
+    assert styled["dataset_name"][0]["instruction"] == "[image_captioning:captions]"
+    assert styled["dataset_name"][3]["instruction"] == "[vqa:vqa] question 1"  # not a paper dataset name: family
+    stream = build_streaming_mixture([replace(s, instructions="none") for s in sources], probabilities=[0, 1]).dataset
+    assert next(iter(stream))["instruction"] == "question 0"
+    with pytest.raises(ValueError, match=r"`sources\[1\].instructions` must be one of \['templates', 'none', "):
+        build_instruction_mixture([sources[0], replace(sources[1], instructions="plain")])

@@ -120,8 +120,14 @@ def visual_field(record: Mapping[str, Any]) -> str:
     return "video" if "video" in record and record.get("image") is None else "image"
 
 
+# How a training record's instruction is written: the paper's templates, or its Table 4 multitask baselines: the
+# raw input alone ("none": the question, nothing for a caption) or prefixed by "[task:dataset]" ("dataset_name").
+INSTRUCTION_STYLES = ("templates", "none", "dataset_name")
+
+
 def make_instruction_record(
-    example: Mapping[str, Any], task: str, *, seed: int = 0, index: int = 0, dataset: str | None = None
+    example: Mapping[str, Any], task: str, *, seed: int = 0, index: int = 0, dataset: str | None = None,
+    instructions: str = "templates",
 ) -> dict[str, Any]:
     """Turn a raw example into ``{"image", "instruction", "answer", "dataset"}`` for the collator.
 
@@ -129,6 +135,9 @@ def make_instruction_record(
     "context" become prefixes, "options" (question answering only) follow the question. A list of answers or
     captions gives one, drawn. A "video" (a clip) may replace "image"; it is kept as given. Template and draw
     depend only on (seed, dataset, index): reproducible under any DataLoader order or worker count.
+    `instructions` (`INSTRUCTION_STYLES`): "templates", or the paper's multitask ablations (Table 4): "none" (the
+    raw input: question, options and prefixes, no template) or "dataset_name" (the raw input after
+    "[category:dataset]").
 
     Example:
         >>> record = make_instruction_record({"image": "cat.jpg", "question": "What is it?", "answer": "a cat"},
@@ -158,7 +167,12 @@ def make_instruction_record(
         if family != "vqa":
             raise ValueError(f"example['options']: only question-answering tasks take options, not {family!r}")
         slot = f"{slot} Options: {options}."
-    body = slot if family == INSTRUCTION_FAMILY else _fill(rng.choice(TEMPLATES[family]), slot)
+    if instructions not in INSTRUCTION_STYLES:
+        raise ValueError(f"instructions: expected one of {list(INSTRUCTION_STYLES)}, got {instructions!r}")
+    template = rng.choice(TEMPLATES[family]) if family != INSTRUCTION_FAMILY else "{}"  # drawn in every style
+    body = _fill(template, slot) if instructions == "templates" else slot.strip()
+    if instructions == "dataset_name":
+        body = f"[{category_of(dataset) if dataset in DATASETS else family}:{dataset}] {body}".strip()
 
     prefixes = []
     if (context := _text(example, "context")) is not None:

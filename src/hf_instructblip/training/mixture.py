@@ -56,7 +56,8 @@ class InstructionDataset(Dataset):
     """
 
     def __init__(self, data: Any, task: str, *, name: str | None = None, seed: int = 0,
-                 image_root: str | os.PathLike | None = None, columns: Mapping[str, str] | None = None) -> None:
+                 image_root: str | os.PathLike | None = None, columns: Mapping[str, str] | None = None,
+                 instructions: str = "templates") -> None:
         name = task if name is None else name
         refuse_split_dicts(data, name)
         if not is_map_style(data):
@@ -65,7 +66,7 @@ class InstructionDataset(Dataset):
                             "for iterable data (datasets.IterableDataset, streaming) use build_streaming_mixture")
         template_family(task)  # fail now on an unknown task, not in a DataLoader worker
         self.data, self.task, self.name = data, task, name
-        self.seed, self.image_root = seed, image_root
+        self.seed, self.image_root, self.instructions = seed, image_root, instructions
         self.columns = check_columns(columns, name)
         check_column_names(data, self.columns, name)
         self._check_rows()
@@ -84,7 +85,8 @@ class InstructionDataset(Dataset):
             if not drop_images and example.get("image") is None:
                 raise ValueError(f"{where}: expected an 'image', got fields {sorted(example)}")
             try:
-                make_instruction_record({**example, "image": None}, self.task, seed=self.seed, index=index)
+                make_instruction_record({**example, "image": None}, self.task, seed=self.seed, index=index,
+                                        instructions=self.instructions)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"{where}: {error}") from None
 
@@ -94,7 +96,7 @@ class InstructionDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = prepare_row(self.data[index], self.columns, f"{self.name}[{index}]")
         return source_record(example, self.task, seed=self.seed, index=index, name=self.name,
-                                   image_root=self.image_root)
+                             image_root=self.image_root, instructions=self.instructions)
 
 
 # --- builders ------------------------------------------------------------------------------------------------
@@ -113,7 +115,8 @@ def _source_dataset(source: MixtureSource, seed: int) -> InstructionDataset:
     if isinstance(data, (str, os.PathLike)):
         data = read_json_lines(data)
     return InstructionDataset(data, source.task or source.name, name=source.name, seed=seed,
-                              image_root=image_root_of(source), columns=source.columns)
+                              image_root=image_root_of(source), columns=source.columns,
+                              instructions=source.instructions)
 
 
 def mixture_collator(processor: Any, decoder_only: bool | None,

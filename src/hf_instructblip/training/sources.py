@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..model.images import load_image
-from ..templates import make_instruction_record
+from ..model.validation import check_choice
+from ..templates import INSTRUCTION_STYLES, make_instruction_record
 
 
 # The example fields `make_instruction_record` reads, i.e. what `MixtureSource.columns` may map.
@@ -36,6 +37,9 @@ class MixtureSource:
     - `image_root`: where relative image paths start; default a JSON-lines file's folder.
     - `columns`: record field -> source column, for fields named otherwise in the source; fields from
       `RECORD_FIELDS` (`image`, `question`, `answer`, `caption`, `options`, `context`, `ocr_tokens`).
+    - `instructions`: "templates" (the paper's instruction templates), or the paper's multitask baselines (Table 4):
+      "none" (the raw input alone) or "dataset_name" (the raw input after "[category:dataset]"); see
+      `templates.make_instruction_record`.
 
     A list-valued answer (strings or `{"answer": ...}` dicts) becomes its most frequent answer, ties going to the
     one that comes first (`most_frequent_answer`); a list of captions gives one caption per row, drawn by
@@ -51,6 +55,7 @@ class MixtureSource:
     task: str | None = None
     image_root: str | os.PathLike | None = None
     columns: Mapping[str, str] | None = None
+    instructions: str = "templates"
 
 
 # --- rows -> examples ----------------------------------------------------------------------------------------
@@ -131,11 +136,12 @@ def prepare_row(row: Any, columns: Mapping[str, str], where: str) -> dict[str, A
 
 
 def source_record(example: Mapping[str, Any], task: str, *, seed: int, index: int, name: str,
-                        image_root: str | os.PathLike | None) -> dict[str, Any]:
+                  image_root: str | os.PathLike | None, instructions: str = "templates") -> dict[str, Any]:
     """A prepared example -> the collator's record, image loaded; errors name the source and the row."""
     where = f"{name}[{index}]"
     try:
-        record = make_instruction_record(example, task, seed=seed, index=index, dataset=name)
+        record = make_instruction_record(example, task, seed=seed, index=index, dataset=name,
+                                         instructions=instructions)
     except (TypeError, ValueError) as error:
         raise type(error)(f"{where}: {error}") from None
     if "image" not in record:
@@ -186,6 +192,7 @@ def as_sources(sources: Sequence[MixtureSource] | Mapping[str, Any]) -> list[Mix
     for i, source in enumerate(sources):
         if not isinstance(source, MixtureSource):
             raise TypeError(f"sources[{i}]: expected a MixtureSource, got {type(source).__name__}")
+        check_choice(f"sources[{i}].instructions", source.instructions, INSTRUCTION_STYLES)
     names = [source.name for source in sources]
     if len(set(names)) != len(names):
         raise ValueError(f"sources: expected distinct names, got {names}")

@@ -177,7 +177,7 @@ class StreamingInstructionMixture(IterableDataset):
         source = self.sources[d]
         example = prepare_row(row, self.columns[d], f"{source.name}[{index}]")
         return source_record(example, source.task or source.name, seed=self.seed, index=index,
-                                   name=source.name, image_root=image_root_of(source))
+                             name=source.name, image_root=image_root_of(source), instructions=source.instructions)
 
     def __repr__(self) -> str:
         shares = ", ".join(f"{name}: {p:.4f}" for name, p in zip(self.names, self.probabilities))
