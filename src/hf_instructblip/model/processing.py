@@ -231,6 +231,15 @@ class HfInstructBlipProcessor(ProcessorMixin):
             text_kwargs["padding_side"] = _check_padding_side(asked.get("padding_side") or self.padding_side)
             if "padding" not in asked and "padding" not in self.tokenizer.init_kwargs:
                 text_kwargs["padding"] = "longest" if len(texts) > 1 else False  # one prompt needs no pad token
+            if pil_images is not None and text_kwargs.get("add_special_tokens") is False:
+                # TRL's own vision collator (plain `trl.SFTTrainer` given this processor) asks for this, and would
+                # then train labels without eos (the model never learns to stop) and put T5's answer in its encoder.
+                raise ValueError(
+                    "`add_special_tokens=False` with images: InstructBLIP's prompts keep the LLM's special tokens "
+                    "(bos before a decoder-only prompt, eos after a T5 encoder prompt), as the model was trained. If "
+                    "this is TRL's own collator (plain trl.SFTTrainer with this processor), train with "
+                    "hf_instructblip.InstructBlipSFTTrainer, which builds LAVIS's layout with eos on every answer."
+                )
             text_kwargs.setdefault("add_special_tokens", True)
             max_length = text_kwargs.pop("max_length", None)
             # The Q-Former always reads `[CLS] text [SEP]`, as in training: `add_special_tokens` is for the LLM.
