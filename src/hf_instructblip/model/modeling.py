@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from transformers.utils import ModelOutput
 
 from .configuration import InstructBlipConfig
-from .inputs import check_call, image_placeholder_mask
+from .inputs import check_call, check_qformer_length, image_placeholder_mask
 from .loss import language_model_loss
 from .pretrained import InstructBlipPreTrainedModel
 from .processing import prepend_image_placeholders
@@ -201,6 +201,7 @@ class InstructBlipModel(InstructBlipPreTrainedModel):
         if input_ids.dim() != 2 or input_ids.shape[0] != batch:
             raise ValueError(f"`qformer_input_ids` must have shape [{batch}, length] (one row per image), found "
                              f"{list(input_ids.shape)}.")
+        check_qformer_length(input_ids, self.config.qformer_config)  # `get_image_features` is public
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return input_ids, attention_mask
