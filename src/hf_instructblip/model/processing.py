@@ -88,12 +88,18 @@ class HfInstructBlipProcessor(ProcessorMixin):
     tokenizer in `qformer_tokenizer/`. Exported as `hf_instructblip.InstructBlipProcessor`; its own class name
     differs from transformers' so that `AutoProcessor` finds this class in saved folders.
 
+    Batched prompts are padded on the left (what decoder-only generation needs) unless a call passes `padding_side`
+    or `processor.padding_side` is changed; that setting is not saved, and not an `__init__` argument: `padding_side`
+    is a call option of transformers' processors (`ProcessingKwargs`), which an `__init__` argument would shadow.
+
     Example:
         >>> processor = InstructBlipProcessor.from_pretrained("Salesforce/instructblip-vicuna-7b")
         >>> inputs = processor(images=[image, image], text=["What is this?", "Describe it."], return_tensors="pt")
         >>> ids = model.generate(**inputs, max_new_tokens=20)
         >>> processor.post_process_generation(ids, inputs["input_ids"])  # answers only, prompt removed
     """
+
+    padding_side: str = "left"  # batched prompts, unless the call says otherwise
 
     def __init__(
         self,
@@ -103,7 +109,6 @@ class HfInstructBlipProcessor(ProcessorMixin):
         num_query_tokens: int = 32,
         image_token: str | None = None,
         qformer_max_length: int = QFORMER_MAX_LENGTH,
-        padding_side: str = "left",
         **kwargs,
     ):
         for name, value in (("num_query_tokens", num_query_tokens), ("qformer_max_length", qformer_max_length)):
@@ -111,7 +116,6 @@ class HfInstructBlipProcessor(ProcessorMixin):
                 raise ValueError(f"`{name}` must be a positive int, found {value!r}.")
         self.num_query_tokens = num_query_tokens
         self.qformer_max_length = qformer_max_length
-        self.padding_side = _check_padding_side(padding_side)
         self.image_token = image_token or getattr(tokenizer, "image_token", None) or DEFAULT_IMAGE_TOKEN
         if self.image_token not in tokenizer.get_vocab():
             # Our model config's `image_token_index` must follow: see `sync_image_token`.
