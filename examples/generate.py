@@ -1,6 +1,6 @@
 """Image(s) + instruction(s) -> answers, batched, with the LAVIS generation presets.
 
-    python examples/generate.py                                         # embedded model, procedural images, offline
+    python examples/generate.py                                         # the quickstart's model, procedural images
     python examples/generate.py cat.jpg dog.jpg --instruction "What is this?" --model Salesforce/instructblip-flan-t5-xl
     python examples/generate.py img.png --instruction "what colour is the shape ?" --preset short \
         --model outputs/quickstart/model
@@ -9,8 +9,9 @@ Presets (LAVIS `generate` defaults): "lavis" = beam search, 5 beams, 1-256 new t
 length penalty 1 (long answers); "short" = the VQA preset, 5 beams, 1-10 new tokens, length penalty -1 (favours
 short answers). `--sample` switches to nucleus sampling (top_p 0.9) as LAVIS's `use_nucleus_sampling`.
 
-The embedded default model is untrained (its answers are arbitrary words of the shapes vocabulary): it shows the
-mechanics. For a trained small model run `examples/quickstart.py`, then pass `--model outputs/quickstart/model`.
+Without `--model`, the model `examples/quickstart.py` saved (`outputs/quickstart/model`, from the current folder)
+answers; when there is none, an embedded untrained model does (its answers are arbitrary words of the shapes
+vocabulary: it shows the mechanics). The first line printed says which model answered.
 """
 
 from __future__ import annotations
@@ -56,11 +57,22 @@ def generation_settings(preset: str, sample: bool, max_new_tokens: int | None = 
     return settings
 
 
+QUICKSTART_MODEL = Path("outputs/quickstart/model")  # where examples/quickstart.py saves by default
+
+
 def load(model_id: str | None, seed: int):
-    """`--model` through the Auto classes, or the embedded small model (no download)."""
+    """`--model` through the Auto classes; without it the quickstart's saved model, else the embedded untrained
+    one (no download). Prints which model answers."""
+    if not model_id and (QUICKSTART_MODEL / "config.json").is_file():
+        model_id = str(QUICKSTART_MODEL)
+        print(f"model: {model_id} (saved by examples/quickstart.py)")
+    elif model_id:
+        print(f"model: {model_id}")
     if model_id:
         model, processor = shapes.load_checkpoint(model_id)
         return model.eval(), processor
+    print(f"model: the embedded untrained model (no {QUICKSTART_MODEL}: its answers are arbitrary; run "
+          "examples/quickstart.py first for a trained one)")
     processor = shapes.build_processor()
     return shapes.build_model(processor, seed=seed).eval(), processor
 

@@ -78,10 +78,18 @@ MODEL_CASES = [
     ("labels-float", dict(labels=lambda l: l.float()), ValueError, r"`labels` must be an integer tensor"),
     ("qformer-text-too-long", dict(qformer_input_ids=torch.ones(3, 200, dtype=torch.long),
                                    qformer_attention_mask=torch.ones(3, 200, dtype=torch.long)), ValueError,
-     r"`qformer_input_ids` holds 200 positions, more than the 128 .*qformer_max_length"),
+     r"`qformer_input_ids` holds 200 positions, more than the 128 of the Q-Former "
+     r"\(qformer_config.max_position_embeddings\); .*qformer_max_length"),
+    ("both-texts-too-long", dict(qformer_input_ids=torch.ones(3, 284, dtype=torch.long), qformer_attention_mask=None,
+                                 input_ids=lambda i: torch.cat([i, torch.full((3, 300), 7)], 1),
+                                 attention_mask=None, labels=None), ValueError,
+     r"`qformer_input_ids` holds 284 positions, more than the 128 of the Q-Former"),
+    ("one-image-without-batch", dict(pixel_values=lambda p: p[0]), ValueError,
+     r"`pixel_values` must be \[batch, channels, height, width\] .*found rank 3 \[3, 28, 28\]"),
     ("prompt-too-long", dict(input_ids=lambda i: torch.cat([i, torch.full((3, 300), 7)], 1),
                              attention_mask=None, labels=None), ValueError,
-     r"`input_ids` holds 311 positions, more than the 256 .*truncation=True, max_length"),
+     r"`input_ids` holds 311 positions, more than the 256 of the LLM \(text_config.max_position_embeddings\); "
+     r".*truncation=True, max_length"),
 ]
 
 
@@ -90,6 +98,21 @@ MODEL_CASES = [
 def test_bad_model_inputs(model, changes, error, pattern):
     with pytest.raises(error, match=pattern):
         model(**inputs_with(**changes))
+
+
+def test_one_image_without_batch_dimension_against_a_batch_of_one(model):
+    """A [3, H, W] image next to one prompt: its channel count must not be read as a batch size of 3."""
+    inputs = {key: value[:1] for key, value in inputs_with().items()}
+    inputs["pixel_values"] = inputs["pixel_values"][0]
+    with pytest.raises(ValueError, match=r"`pixel_values` must be \[batch, channels, height, width\].*found rank 3"):
+        model(**inputs)
+
+
+def test_q_former_text_too_long_for_get_image_features(model):
+    inputs = inputs_with()
+    long_text = torch.ones(3, 284, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"`qformer_input_ids` holds 284 positions, more than the 128 of the Q-Former"):
+        model.get_image_features(inputs["pixel_values"], qformer_input_ids=long_text)
 
 
 def test_image_token_outside_the_vocabulary_points_to_sync_image_token():

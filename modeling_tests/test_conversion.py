@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -422,6 +423,18 @@ def test_pickle_that_carries_code_is_refused_and_not_run(case, capsys):
     assert run_cli("--checkpoint", path, "--config", case["tmp"] / "config", "--dry-run") == 1
     err = capsys.readouterr().err
     assert "refusing to load" in err and "weights_only" in err
+    assert not marker.exists()
+
+
+def test_plain_pickle_that_carries_code_is_refused_as_such(tmp_path):
+    """`pickle.dump` (not `torch.save`): torch refuses its framing before reading the code reference."""
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "legacy.pth"
+    with path.open("wb") as file:
+        pickle.dump({"model": {"query_tokens": torch.zeros(1)}, "payload": _RunsCode(str(marker))}, file)
+    with pytest.raises(ValueError, match=rf"^--checkpoint: refusing to load {re.escape(str(path))}: .*references "
+                                         r"code.*could run that code"):
+        load_state_dict_file(path, "--checkpoint")
     assert not marker.exists()
 
 

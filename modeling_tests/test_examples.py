@@ -73,6 +73,24 @@ def test_generate_answers_every_default_image(runs):
     assert len(rows) == 2 * len(shapes.TASKS)  # one held-in and one held-out instruction per task
     assert all(row["instruction"] in templates and isinstance(row["answer"], str) for row in rows)
     assert "num_beams': 5" in completed.stdout and "max_new_tokens': 256" in completed.stdout
+    assert "model: the embedded untrained model" in completed.stdout  # no quickstart model in its folder
+
+
+def test_generate_answers_with_the_quickstart_model_when_saved(tmp_path, monkeypatch, capsys, one_thread):
+    """A model where the quickstart saves answers without `--model`, as it does when named."""
+    generate, shapes = example("generate"), example("shapes")
+    processor = shapes.build_processor()
+    saved = tmp_path / "outputs" / "quickstart" / "model"
+    shapes.build_model(processor, seed=5).save_pretrained(saved)
+    processor.save_pretrained(saved)
+    monkeypatch.chdir(tmp_path)
+    answers = {}
+    for name, flags in {"default": [], "named": ["--model", str(saved)]}.items():
+        out = tmp_path / f"{name}.json"
+        assert generate.main([*flags, "--max-new-tokens", "3", "--output-json", str(out)]) == 0
+        answers[name] = json.loads(out.read_text())
+    assert "model: outputs/quickstart/model (saved by examples/quickstart.py)" in capsys.readouterr().out
+    assert answers["default"] == answers["named"]
 
 
 def test_generate_presets_are_lavis_defaults():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -103,6 +104,27 @@ def test_placeholders_lead_every_row_and_padding_side_is_overridable():
     assert right["attention_mask"][1, Q] == 1 and right["attention_mask"][1, -1] == 0
 
 
+def test_init_arguments_are_not_call_options():
+    """An `__init__` argument named like one of transformers' processor call options (`ProcessingKwargs`:
+    `padding_side`, `max_length`, `do_resize`, ...) would be ambiguous between the two; transformers' processor
+    tests check the same."""
+    from transformers.processing_utils import AudioKwargs, ImagesKwargs, TextKwargs, VideosKwargs
+
+    call_options = {name for kwargs in (TextKwargs, ImagesKwargs, VideosKwargs, AudioKwargs)
+                    for name in kwargs.__annotations__}
+    init_arguments = set(inspect.signature(HfInstructBlipProcessor.__init__).parameters) - {"self", "kwargs"}
+    assert "qformer_max_length" in init_arguments  # the signature is the one we mean
+    assert not init_arguments & call_options
+
+
+def test_padding_side_defaults_left_and_follows_the_attribute():
+    processor, _ = processors("t5")  # this tokenizer pads right on its own
+    processor.padding_side = "right"
+    right = processor(images=tiny.images(2), text=PROMPTS, return_tensors="pt")
+    assert right["attention_mask"][1, -1] == 0
+    assert processors("t5")[0](images=tiny.images(2), text=PROMPTS, return_tensors="pt")["attention_mask"][1, Q] == 0
+
+
 def test_qformer_text_is_left_truncated_to_its_own_limit():
     ours, _ = processors("llama")
     text = PROMPTS[0]
@@ -175,7 +197,7 @@ def test_post_process_generation_strips_the_echoed_prompt():
 # --- saving and loading ---------------------------------------------------------------------------------
 def test_save_load_round_trip_and_auto_processor(tmp_path):
     processor, _ = processors("llama")
-    processor.qformer_max_length, processor.padding_side = 6, "right"
+    processor.qformer_max_length = 6
     processor.save_pretrained(tmp_path)
     assert (tmp_path / "qformer_tokenizer" / "tokenizer_config.json").is_file()
     saved = json.loads((tmp_path / "processor_config.json").read_text())
@@ -184,7 +206,7 @@ def test_save_load_round_trip_and_auto_processor(tmp_path):
     want = processor(images=tiny.images(2), text=PROMPTS, return_tensors="pt")
     for loaded in (InstructBlipProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)):
         assert type(loaded) is HfInstructBlipProcessor
-        assert (loaded.qformer_max_length, loaded.padding_side, loaded.num_query_tokens) == (6, "right", Q)
+        assert (loaded.qformer_max_length, loaded.num_query_tokens) == (6, Q)
         got = loaded(images=tiny.images(2), text=PROMPTS, return_tensors="pt")
         for key in KEYS:
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)

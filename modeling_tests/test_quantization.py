@@ -54,11 +54,14 @@ QUANTIZERS: dict[str, tuple[str, Callable]] = {
 def saved(tmp_path_factory) -> tuple[str, InstructBlipForConditionalGeneration]:
     """A tiny random Llama-backed model saved in full precision, and the model itself (the reference)."""
     processor = tiny.processor("llama")
-    # Even Linear widths: bitsandbytes' native 4-bit CPU kernel needs them; odd ones (tiny's 37) fall back to a
-    # torch.compile'd kernel whose first call spends seconds compiling C++.
+    # Widths bitsandbytes' 4-bit CPU path runs: on a CPU with AVX512-BF16, bitsandbytes >= 0.50 repacks a frozen
+    # Linear4bit's weight for its fused kernel on the first no-grad forward, which needs out_features % 32 == 0 and
+    # in_features % 64 == 0 (the quantization block); tiny's 32-wide layers fail there (every released checkpoint
+    # passes). The Q-Former stays tiny: it is never quantized.
     config = InstructBlipConfig(**tiny.config_kwargs(
-        "llama", image_token_index=processor.image_token_id, vision_config=tiny.vision_config(intermediate_size=38),
-        text_config=tiny.text_config("llama", intermediate_size=38).to_dict()))
+        "llama", image_token_index=processor.image_token_id,
+        vision_config=tiny.vision_config(hidden_size=64, intermediate_size=128),
+        text_config=tiny.text_config("llama", hidden_size=64, intermediate_size=128).to_dict()))
     torch.manual_seed(0)
     model = tiny.randomize_(InstructBlipForConditionalGeneration(config))
     path = tmp_path_factory.mktemp("tiny-llama")
@@ -139,9 +142,14 @@ def test_qlora_recipe_trains_qformer_and_adapters_only(saved, case):
     records = [{"image": image, "instruction": instruction, "answer": answer} for image, (instruction, answer) in
                zip(tiny.images(2), [("what is in the picture ?", "a red circle ."), ("how many shapes ?", "two .")])]
     batch = collator(records)
+    peft_model.train()
+    # bitsandbytes (>= 0.50, AVX512-BF16 CPUs) repacks the frozen vision encoder's 4-bit weights for its CPU kernel on
+    # their first forward without gradients flowing in: run one training forward (no step) before the snapshot so the
+    # comparison sees what training changed. Not under no_grad: that would repack the LLM's frozen layers as well, and
+    # bitsandbytes' packed CPU path has no backward, so the Q-Former would silently get no gradient.
+    peft_model(**batch)
     before = snapshot(peft_model)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    peft_model.train()
     losses = []
     for _ in range(4):
         loss = peft_model(**batch).loss

@@ -33,6 +33,21 @@ def test_readme_has_the_two_command_quick_start():
     assert "python -m pytest modeling_tests" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_ci_installs_what_the_readme_installs_from_the_lock():
+    """A newcomer's install is CI's: the same `pip install` arguments, each pinned by constraints.txt."""
+    text = (ROOT / "README.md").read_text()
+    first = re.search(r"## Quick start.*?```bash\n(.*?)\n", text, flags=re.S).group(1)
+    readme = [step.strip().removeprefix("pip install ") for step in first.split("&&")
+              if step.strip().startswith("pip install ")]
+    ci = [line.split("#")[0].strip().removeprefix("python -m pip install --quiet ")
+          for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python -m pip install")]
+    assert readme == ci and len(ci) == 3
+    assert all(args.startswith("-c constraints.txt ") for args in ci)
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert pins["torch"] == "2.13.0" and "hf-instructblip" not in pins and "lmms_eval" in pins
+
+
 def test_readme_python_snippets_run(tmp_path, monkeypatch):
     snippets = python_snippets()
     assert len(snippets) >= 3

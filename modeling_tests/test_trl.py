@@ -132,22 +132,46 @@ def test_plain_sft_trainer_refuses_t5(tmp_path):
                              train_dataset=datasets.Dataset.from_list(our_records()),
                              data_collator=InstructBlipDataCollator(processor, decoder_only=False),
                              processing_class=processor)
-    with pytest.raises(ValueError, match="InstructBlipSFTTrainer"):
+    with pytest.raises(ValueError, match="encoder-decoder LLM with TRL, use hf_instructblip.InstructBlipSFTTrainer"):
         trainer.train()
 
 
+@pytest.mark.parametrize("fmt", ["prompt_completion", "messages", "conversational_prompt_completion"])
 @pytest.mark.parametrize("kind", ["llama", "t5"])
-def test_trl_built_batches_are_refused(kind, tmp_path):
-    """TRL's vision collator: decoder-only without bos / eos, T5 with the answer in the encoder input."""
+def test_plain_sft_trainer_with_trls_collator_is_refused(kind, fmt, tmp_path):
+    """TRL's own vision collator tokenizes without special tokens: Llama labels without eos, T5's answer in the
+    encoder input, every token of `messages` labelled. The processor refuses the call and names our trainer."""
+    model = frozen_model(kind)
+    before = copy.deepcopy(model)
+    trainer = trl.SFTTrainer(model=model, args=sft_config(tmp_path),
+                             train_dataset=datasets.Dataset.from_list(records(fmt)),
+                             processing_class=tiny.processor(kind))
+    assert isinstance(trainer.data_collator, DataCollatorForVisionLanguageModeling)
+    with pytest.raises(ValueError, match=r"add_special_tokens=False.*train with hf_instructblip.InstructBlipSFTTrainer"):
+        trainer.train()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))  # nothing trained
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_foreign_collators_are_refused(kind, tmp_path):
+    """TRL's vision collator is refused by type; another collator's batches by their layout (here: labels without
+    eos, what TRL's collator would give a decoder-only LLM)."""
     processor = tiny.processor(kind)
     trl_collator = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)
     with pytest.raises(TypeError, match="data_collator.*DataCollatorForVisionLanguageModeling"):
         InstructBlipSFTTrainer(model=frozen_model(kind), args=sft_config(tmp_path),
                                train_dataset=records("prompt_completion"), data_collator=trl_collator,
                                processing_class=processor)
+    ours = InstructBlipDataCollator(processor, decoder_only=kind != "t5")
+
+    def without_eos(examples: list[dict]) -> dict:
+        batch = ours([instruction_record(example, processor) for example in examples])
+        batch["labels"][batch["labels"] == processor.tokenizer.eos_token_id] = -100
+        return batch
+
     trainer = InstructBlipSFTTrainer(model=frozen_model(kind), args=sft_config(tmp_path),
-                                     train_dataset=records("prompt_completion"),
-                                     data_collator=lambda examples: trl_collator(examples), processing_class=processor)
+                                     train_dataset=records("prompt_completion"), data_collator=without_eos,
+                                     processing_class=processor)
     with pytest.raises(ValueError, match="end its labels with eos.*LAVIS"):
         trainer.train()
 

@@ -7,7 +7,7 @@ import re
 import sys
 from collections import Counter
 
-LINE = re.compile(r"^[.sFEx]*(tests/\S+::\S+) \[(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\]")
+LINE = re.compile(r"^[.sFEx]*\S*?(tests/\S+::\S+) \[(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\]")
 SUMMARY = re.compile(r"^(FAILED|ERROR|SUBFAILED\[[^\]]*\]) (tests/\S+::\S+)")
 
 

@@ -43,14 +43,3 @@ for name, reps in REPLACEMENTS.items():
     (DST / name).write_text(text)
     py_compile.compile(str(DST / name), doraise=True)
     print("wrote", DST / name)
-
-# (B-forced): gates opened for tests that skip in (B) for a test-side reason only; see the files' docstrings.
-FORCED = SRC.parent / "instructblip_ours_forced"
-FORCED.mkdir(exist_ok=True)
-(FORCED / "__init__.py").write_text("")
-here = pathlib.Path(__file__).parent
-for template, name in (("forced_modeling_template.py", "test_modeling_forced.py"),
-                       ("forced_processing_template.py", "test_processing_instructblip.py")):
-    (FORCED / name).write_text((here / template).read_text())
-    py_compile.compile(str(FORCED / name), doraise=True)
-    print("wrote", FORCED / name)

@@ -12,6 +12,7 @@ folder file by file.
 from __future__ import annotations
 
 import pickle
+import pickletools
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,15 +38,30 @@ def load_torch_file(path: str | Path, what: str) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        if "GLOBAL" not in str(err):  # not a refused code reference: a broken pickle stream
+        refused_global = "GLOBAL" in str(err)
+        # A plain `pickle.dump` (protocol 4+) is refused for its framing opcode before any GLOBAL is read, as a
+        # broken stream would be: tell them apart by reading its opcodes (pickletools runs nothing).
+        if not refused_global and not _pickle_references_code(path):
             raise _unreadable(path, what, _detail(err, "Unsupported")) from None
         raise ValueError(
             f"{what}: refusing to load {path}: it is not a plain tensor checkpoint (its pickle references code or "
             f"objects that `torch.load(weights_only=True)` does not allow; loading it could run that code). "
-            f"Details: {_detail(err, 'GLOBAL')}"
+            f"Details: {_detail(err, 'GLOBAL' if refused_global else 'Unsupported')}"
         ) from None
     except Exception as err:  # empty, truncated or not a checkpoint at all: EOFError, KeyError, RuntimeError, ...
         raise _unreadable(path, what, _detail(err)) from None
+
+
+_CODE_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"})
+
+
+def _pickle_references_code(path: Path) -> bool:
+    """Whether `path` starts with a well-formed pickle that imports or calls objects."""
+    try:
+        with path.open("rb") as file:
+            return any(opcode.name in _CODE_OPCODES for opcode, _, _ in pickletools.genops(file))
+    except Exception:  # not a well-formed pickle: a broken file
+        return False
 
 
 def _unreadable(path: Path, what: str, detail: str) -> ValueError:

@@ -1,3 +1,4 @@
+# Copyright 2026 The hf_instructblip authors. Licensed under the BSD 3-Clause License (see pyproject.toml).
 """Configurations: EVA vision encoder, instruction-aware Q-Former, and the composite InstructBLIP config."""
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
+from .inputs import check_qformer_length
 from .outputs import InstructBlipImageFeatures
 
 
@@ -85,6 +86,7 @@ class ImageFeaturesMixin:
         if input_ids.dim() != 2 or input_ids.shape[0] != batch:
             raise ValueError(f"`qformer_input_ids` must have shape [{batch}, length] (one row per image), found "
                              f"{list(input_ids.shape)}.")
+        check_qformer_length(input_ids, self.config.qformer_config)  # `get_image_features` is public
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return input_ids, attention_mask

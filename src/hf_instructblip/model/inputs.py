@@ -55,10 +55,17 @@ def check_mask(name: str, mask: torch.Tensor | None, ids: torch.Tensor | None, i
         raise ValueError(f"`{name}` must have the shape of `{ids_name}` {_shape(ids)}, found {_shape(mask)}.")
 
 
-def check_length(name: str, ids: torch.Tensor | None, limit: int | None, fix: str) -> None:
-    """At most `limit` positions (the learned position table's size)."""
+def check_length(name: str, ids: torch.Tensor | None, limit: int | None, owner: str, fix: str) -> None:
+    """At most `limit` positions (the learned position table's size; `owner` says whose, and where it is set)."""
     if ids is not None and limit is not None and ids.shape[-1] > limit:
-        raise ValueError(f"`{name}` holds {ids.shape[-1]} positions, more than the {limit} the model has; {fix}.")
+        raise ValueError(f"`{name}` holds {ids.shape[-1]} positions, more than the {limit} {owner}; {fix}.")
+
+
+def check_qformer_length(ids: torch.Tensor | None, config: PretrainedConfig) -> None:
+    """The Q-Former instruction fits the Q-Former's position table (`config`: its own config)."""
+    check_length("qformer_input_ids", ids, config.max_position_embeddings,
+                 "of the Q-Former (qformer_config.max_position_embeddings)",
+                 "tokenize the instruction with `qformer_max_length` at most that (the processor truncates)")
 
 
 def check_labels(labels: torch.Tensor, input_ids: torch.Tensor | None, vocab_size: int, decoder_only: bool) -> None:
@@ -105,13 +112,18 @@ def image_placeholder_mask(config: PretrainedConfig, input_ids: torch.Tensor | N
 
 def check_call(config: PretrainedConfig, input_ids: torch.Tensor | None, **others: torch.Tensor | None) -> None:
     """One `forward` / `generate` call: batch sizes, mask shapes, sequence lengths and labels."""
+    pixel_values = others.get("pixel_values")
+    if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() < 4:  # else its first size reads as a batch
+        raise ValueError(f"`pixel_values` must be [batch, channels, height, width] (clips: [batch, frames, channels, "
+                         f"height, width]), found rank {pixel_values.dim()} {_shape(pixel_values)}; add the batch "
+                         "dimension (`pixel_values[None]`) or build it with the processor.")
     check_batch(input_ids=input_ids, **others)
     check_mask("attention_mask", others.get("attention_mask"), input_ids, "input_ids")
     qformer_ids = others.get("qformer_input_ids")
     check_mask("qformer_attention_mask", others.get("qformer_attention_mask"), qformer_ids, "qformer_input_ids")
-    check_length("qformer_input_ids", qformer_ids, config.qformer_config.max_position_embeddings,
-                 "tokenize the instruction with `qformer_max_length` at most that (the processor truncates)")
+    check_qformer_length(qformer_ids, config.qformer_config)
     check_length("input_ids", input_ids, getattr(config.text_config, "max_position_embeddings", None),
-                 "pass `truncation=True, max_length=...` to the processor")
+                 "of the LLM (text_config.max_position_embeddings)", "pass `truncation=True, max_length=...` to the "
+                 "processor")
     if others.get("labels") is not None:
         check_labels(others["labels"], input_ids, config.text_config.vocab_size, config.use_decoder_only_language_model)

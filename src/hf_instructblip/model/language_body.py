@@ -27,9 +27,9 @@ class LanguageBody:
             # Fused heads score position t against label t + 1 and apply the head to these states as they are:
             # wrong for T5, whose decoder position t predicts label t (and whose tied head rescales them first).
             raise ValueError(
-                "The full model's `base_model` serves fused LM heads of decoder-only LLMs (TRL, Liger). With an "
-                "encoder-decoder LLM use InstructBlipModel for the decoder's hidden states, and "
-                "hf_instructblip.InstructBlipSFTTrainer (the model's own loss) to train with TRL."
+                "To train an encoder-decoder LLM with TRL, use hf_instructblip.InstructBlipSFTTrainer (it takes the "
+                "model's own loss): plain trl.SFTTrainer's fused LM head, which calls the full model's `base_model`, "
+                "serves decoder-only LLMs only. For the decoder's hidden states use InstructBlipModel."
             )
         return self._forward(*args, **kwargs)
 

@@ -73,12 +73,18 @@ class HfInstructBlipProcessor(ProcessorMixin):
     tokenizer in `qformer_tokenizer/`. Exported as `hf_instructblip.InstructBlipProcessor`; its own class name
     differs from transformers' so that `AutoProcessor` finds this class in saved folders.
 
+    Batched prompts are padded on the left (what decoder-only generation needs) unless a call passes `padding_side`
+    or `processor.padding_side` is changed; that setting is not saved, and not an `__init__` argument: `padding_side`
+    is a call option of transformers' processors (`ProcessingKwargs`), which an `__init__` argument would shadow.
+
     Example:
         >>> processor = InstructBlipProcessor.from_pretrained("Salesforce/instructblip-vicuna-7b")
         >>> inputs = processor(images=[image, image], text=["What is this?", "Describe it."], return_tensors="pt")
         >>> ids = model.generate(**inputs, max_new_tokens=20)
         >>> processor.post_process_generation(ids, inputs["input_ids"])  # answers only, prompt removed
     """
+
+    padding_side: str = "left"  # batched prompts, unless the call says otherwise
 
     def __init__(
         self,
@@ -88,12 +94,10 @@ class HfInstructBlipProcessor(ProcessorMixin):
         num_query_tokens: int = 32,
         image_token: str | None = None,
         qformer_max_length: int = QFORMER_MAX_LENGTH,
-        padding_side: str = "left",
         **kwargs,
     ):
         self.num_query_tokens = check_int("num_query_tokens", num_query_tokens)
         self.qformer_max_length = check_int("qformer_max_length", qformer_max_length)
-        self.padding_side = _check_padding_side(padding_side)
         self.image_token = image_token or getattr(tokenizer, "image_token", None) or DEFAULT_IMAGE_TOKEN
         if self.image_token not in tokenizer.get_vocab():
             # Our model config's `image_token_index` must follow: see `sync_image_token`.
@@ -213,6 +217,15 @@ class HfInstructBlipProcessor(ProcessorMixin):
             text_kwargs["padding_side"] = _check_padding_side(asked.get("padding_side") or self.padding_side)
             if "padding" not in asked and "padding" not in self.tokenizer.init_kwargs:
                 text_kwargs["padding"] = "longest" if len(texts) > 1 else False  # one prompt needs no pad token
+            if pil_images is not None and text_kwargs.get("add_special_tokens") is False:
+                # TRL's own vision collator (plain `trl.SFTTrainer` given this processor) asks for this, and would
+                # then train labels without eos (the model never learns to stop) and put T5's answer in its encoder.
+                raise ValueError(
+                    "`add_special_tokens=False` with images: InstructBLIP's prompts keep the LLM's special tokens "
+                    "(bos before a decoder-only prompt, eos after a T5 encoder prompt), as the model was trained. If "
+                    "this is TRL's own collator (plain trl.SFTTrainer with this processor), train with "
+                    "hf_instructblip.InstructBlipSFTTrainer, which builds LAVIS's layout with eos on every answer."
+                )
             text_kwargs.setdefault("add_special_tokens", True)
             max_length = text_kwargs.pop("max_length", None)
             # The Q-Former always reads `[CLS] text [SEP]`, as in training: `add_special_tokens` is for the LLM.

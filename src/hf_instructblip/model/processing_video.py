@@ -109,14 +109,12 @@ class HfInstructBlipVideoProcessor(HfInstructBlipProcessor):
 
     def __init__(self, image_processor, tokenizer, qformer_tokenizer, num_query_tokens: int = 32,
                  image_token: str | None = None, qformer_max_length: int = QFORMER_MAX_LENGTH,
-                 padding_side: str = "left", num_frames: int | None = DEFAULT_NUM_FRAMES, pad_frames: bool = False,
-                 **kwargs):
+                 num_frames: int | None = DEFAULT_NUM_FRAMES, pad_frames: bool = False, **kwargs):
         # Every setting is named here: `save_pretrained` writes the `__init__` parameters it finds as attributes.
         check_int("num_frames", num_frames, allow_none=True)
         self.num_frames, self.pad_frames = num_frames, bool(pad_frames)
         super().__init__(image_processor, tokenizer, qformer_tokenizer, num_query_tokens=num_query_tokens,
-                         image_token=image_token, qformer_max_length=qformer_max_length, padding_side=padding_side,
-                         **kwargs)
+                         image_token=image_token, qformer_max_length=qformer_max_length, **kwargs)
 
     def load_clips(self, videos: Any, num_frames: int | None = None, pad_frames: bool | None = None
                    ) -> list[list[Image.Image]]:
