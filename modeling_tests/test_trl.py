@@ -26,7 +26,7 @@ from hf_instructblip import (  # noqa: E402
     InstructBlipForConditionalGeneration,
     freeze_for_instruction_tuning,
 )
-from hf_instructblip.training.sft import InstructBlipSFTTrainer, check_lavis_layout, instruction_record  # noqa: E402
+from hf_instructblip.training.sft import InstructBlipSFTTrainer, trl_record  # noqa: E402
 
 IMAGE_TOKEN = 300  # the tiny processor's "<image>"
 INSTRUCTIONS = ["what colour is the circle ?", "how many shapes are there ?", "describe the image briefly .",
@@ -154,41 +154,15 @@ def test_plain_sft_trainer_with_trls_collator_is_refused(kind, fmt, tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "t5"])
 def test_foreign_collators_are_refused(kind, tmp_path):
-    """TRL's vision collator is refused by type; another collator's batches by their layout (here: labels without
-    eos, what TRL's collator would give a decoder-only LLM)."""
+    """LAVIS's layout has one writer: TRL's vision collator, or any other, is refused by type before training."""
     processor = tiny.processor(kind)
-    trl_collator = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)
-    with pytest.raises(TypeError, match="data_collator.*DataCollatorForVisionLanguageModeling"):
-        InstructBlipSFTTrainer(model=frozen_model(kind), args=sft_config(tmp_path),
-                               train_dataset=records("prompt_completion"), data_collator=trl_collator,
-                               processing_class=processor)
     ours = InstructBlipDataCollator(processor, decoder_only=kind != "t5")
-
-    def without_eos(examples: list[dict]) -> dict:
-        batch = ours([instruction_record(example, processor) for example in examples])
-        batch["labels"][batch["labels"] == processor.tokenizer.eos_token_id] = -100
-        return batch
-
-    trainer = InstructBlipSFTTrainer(model=frozen_model(kind), args=sft_config(tmp_path),
-                                     train_dataset=records("prompt_completion"), data_collator=without_eos,
-                                     processing_class=processor)
-    with pytest.raises(ValueError, match="end its labels with eos.*LAVIS"):
-        trainer.train()
-
-
-@pytest.mark.parametrize("kind", ["llama", "t5"])
-def test_layout_check_accepts_our_batches_and_names_the_fault(kind):
-    processor = tiny.processor(kind)
-    decoder_only = kind != "t5"
-    batch = InstructBlipDataCollator(processor, decoder_only=decoder_only)(our_records())
-    layout = dict(decoder_only=decoder_only, image_token_id=IMAGE_TOKEN, eos_token_id=2,
-                  bos_token_id=1 if decoder_only else None)
-    check_lavis_layout(batch, **layout)
-    labels = batch["labels"].clone()
-    labels[:, 0] = IMAGE_TOKEN  # decoder-only: the first placeholder labelled; T5: a placeholder in the answer
-    reason = "labels the image placeholders" if decoder_only else "holds image placeholders in its labels"
-    with pytest.raises(ValueError, match=rf"rows \[0, 1, 2, 3\], the example {reason}"):
-        check_lavis_layout({**batch, "labels": labels}, **layout)
+    for collator in (DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True),
+                     lambda examples: ours([trl_record(example, processor) for example in examples])):
+        with pytest.raises(TypeError, match="`data_collator`: expected None or an InstructBlipDataCollator"):
+            InstructBlipSFTTrainer(model=frozen_model(kind), args=sft_config(tmp_path),
+                                   train_dataset=records("prompt_completion"), data_collator=collator,
+                                   processing_class=processor)
 
 
 def test_training_arguments_become_an_sft_config_with_what_our_batches_need(tmp_path):
@@ -219,8 +193,8 @@ def test_refused_arguments_and_examples(tmp_path):
     image = tiny.images(1)[0]
     two_turns = [user("a ?"), assistant("b ."), user("c ?"), assistant("d .")]
     with pytest.raises(ValueError, match=r"expected the roles \['user', 'assistant'\].*found \['user', 'assistant', "):
-        instruction_record({"images": [image], "messages": two_turns}, processor)
+        trl_record({"images": [image], "messages": two_turns}, processor)
     with pytest.raises(ValueError, match="'images' must be a list of exactly one image.*found 2"):
-        instruction_record({"images": [image, image], "prompt": "a ?", "completion": "b ."}, processor)
+        trl_record({"images": [image, image], "prompt": "a ?", "completion": "b ."}, processor)
     with pytest.raises(ValueError, match="expected 'instruction'/'answer'.*found the keys \\['images', 'text'\\]"):
-        instruction_record({"images": [image], "text": "a ? b ."}, processor)
+        trl_record({"images": [image], "text": "a ? b ."}, processor)

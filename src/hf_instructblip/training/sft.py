@@ -7,8 +7,8 @@ What plain `trl.SFTTrainer` gets wrong for InstructBLIP, and what this trainer d
   learns to stop), puts a T5's answer in the encoder input, and labels every token of conversational data, image
   placeholders included.
   Here batches come from `InstructBlipDataCollator` (LAVIS's layout), and TRL's formats (`prompt`/`completion`,
-  `messages`, both with `images`) are turned into its `{image, instruction, answer}` records; any other collator's
-  batches are checked for that layout and refused when they differ.
+  `messages`, both with `images`) are turned into its `{image, instruction, answer}` records; other collators are
+  refused (and our processor refuses the special-token-free calls of TRL's collator under plain `SFTTrainer`).
 - TRL's fused LM head scores decoder-only positions against the next label, which is right there; for an
   encoder-decoder LLM it would shift T5's labels (decoder position t predicts label t) and skip the rescaling a
   tied-embedding T5 applies before its head. Encoder-decoder models take the model's own loss (`fused_head_loss=True`).
@@ -28,9 +28,7 @@ import datasets
 import torch
 from transformers import Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling
 
-from ..model.layout import IGNORE_INDEX, tokenizer_adds_bos
 from .collator import InstructBlipDataCollator
 from .freezing import instructblip_base
 from .trainer_glue import InstructBlipTrainerGlue
@@ -73,7 +71,7 @@ def _image_of(example: Mapping, index: int) -> Any:
     return images[0]
 
 
-def instruction_record(example: Mapping[str, Any], processor: Any, index: int = 0) -> dict[str, Any]:
+def trl_record(example: Mapping[str, Any], processor: Any, index: int = 0) -> dict[str, Any]:
     """One example in a TRL dataset format -> an `InstructBlipDataCollator` record `{image, instruction, answer}`.
 
     Formats: ours (`instruction` / `answer`, returned unchanged), prompt-completion (`prompt` / `completion`, plain
@@ -83,7 +81,7 @@ def instruction_record(example: Mapping[str, Any], processor: Any, index: int = 
     the answer is the assistant's text. Other fields (`dataset`, `image_id`) are kept.
 
     Example:
-        >>> instruction_record({"images": [image], "prompt": "What is shown?", "completion": "a dog"}, processor)
+        >>> trl_record({"images": [image], "prompt": "What is shown?", "completion": "a dog"}, processor)
         {'image': <PIL.Image...>, 'instruction': 'What is shown?', 'answer': 'a dog'}
     """
     if not isinstance(example, Mapping):
@@ -117,7 +115,7 @@ def instruction_record(example: Mapping[str, Any], processor: Any, index: int = 
 
 @dataclasses.dataclass
 class TrlFormatCollator:
-    """`InstructBlipDataCollator` over examples in TRL's dataset formats (see `instruction_record`).
+    """`InstructBlipDataCollator` over examples in TRL's dataset formats (see `trl_record`).
 
     Example:
         >>> collator = TrlFormatCollator(InstructBlipDataCollator(processor, decoder_only=True))
@@ -128,67 +126,7 @@ class TrlFormatCollator:
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         processor = self.collator.processor
-        return self.collator([instruction_record(example, processor, i) for i, example in enumerate(examples)])
-
-
-# --- LAVIS layout check of batches from other collators --------------------------------------------------
-def _last_index(mask: torch.Tensor) -> torch.Tensor:
-    """Per row, the index of the last True of `mask` `[B, L]` (0 for a row without one): `[B]`."""
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    return (mask * positions).argmax(dim=1)
-
-
-def check_lavis_layout(batch: Mapping[str, Any], decoder_only: bool, image_token_id: int, eos_token_id: int,
-                       bos_token_id: int | None = None) -> None:
-    """Raise a `ValueError` naming the first row whose tokens are not in LAVIS's training layout.
-
-    Decoder-only: `[image x Q][bos][prompt][answer eos][pad]` (bos only when `bos_token_id` is given), labels equal to
-    the ids where set, never on the placeholders or the padding, the last one eos. Encoder-decoder: encoder
-    `[image x Q][prompt eos][pad]`, labels `[answer eos]` without placeholders.
-
-    Example:
-        >>> check_lavis_layout(collator(records), decoder_only=True, image_token_id=32000, eos_token_id=2,
-        ...                    bos_token_id=1)
-    """
-    if batch.get("labels") is None:
-        raise ValueError("The batch has no 'labels'; instruction tuning learns the answer tokens.")
-    ids, labels = batch["input_ids"], batch["labels"].to(batch["input_ids"].device)  # [B, L], [B, L or L_answer]
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    is_image = ids == image_token_id  # [B, L]
-    labelled = labels != IGNORE_INDEX
-    placeholders = is_image.sum(dim=1, keepdim=True)  # [B, 1]
-    problems: dict[str, torch.Tensor] = {  # reason -> [B] rows where it holds
-        "has no label": ~labelled.any(dim=1),
-        "does not end its labels with eos (the model would never learn to stop)":
-            labels.gather(1, _last_index(labelled)[:, None])[:, 0] != eos_token_id,
-        "does not start with its image placeholders":
-            (is_image != (torch.arange(ids.shape[1], device=ids.device) < placeholders)).any(dim=1),
-    }
-    if decoder_only:
-        if labels.shape != ids.shape:
-            raise ValueError(f"`labels` {list(labels.shape)} must have the shape of `input_ids` {list(ids.shape)} "
-                             "for a decoder-only LLM (the model shifts them).")
-        problems["labels the image placeholders"] = (labelled & is_image).any(dim=1)
-        problems["labels padding"] = (labelled & ~mask).any(dim=1)
-        problems["has labels that differ from its input ids"] = (labelled & (labels != ids)).any(dim=1)
-        if bos_token_id is not None:
-            after_image = ids.gather(1, placeholders.clamp(max=ids.shape[1] - 1))[:, 0]
-            problems["does not start its prompt with bos"] = after_image != bos_token_id
-    else:
-        problems["holds image placeholders in its labels (the answer is in the encoder input)"] = (
-            labelled & (labels == image_token_id)).any(dim=1)
-        problems["does not end its encoder input with eos (the answer may be in the encoder input)"] = (
-            ids.gather(1, _last_index(mask)[:, None])[:, 0] != eos_token_id)
-    flags = torch.stack(list(problems.values())).tolist()  # [reasons][B]: one host sync
-    for reason, rows in zip(problems, flags):
-        bad = [row for row, flag in enumerate(rows) if flag]
-        if bad:
-            layout = ("[image x Q][bos][prompt][answer eos][pad], labels on 'answer eos'" if decoder_only
-                      else "encoder [image x Q][prompt eos][pad], labels [answer eos]")
-            raise ValueError(f"In batch rows {bad}, the example {reason}: this is not LAVIS's training layout "
-                             f"({layout}). TRL's own collators build other layouts: leave `data_collator=None` "
-                             "(InstructBlipDataCollator).")
+        return self.collator([trl_record(example, processor, i) for i, example in enumerate(examples)])
 
 
 # --- the trainer ---------------------------------------------------------------------------------------
@@ -255,8 +193,8 @@ class InstructBlipSFTTrainer(InstructBlipTrainerGlue, SFTTrainer):
         - `model` must be an InstructBLIP model instance (load it and call `freeze_for_instruction_tuning` first: from a
           name, TRL would load transformers' own class);
         - `data_collator` defaults to `InstructBlipDataCollator(processing_class, decoder_only=...)` over those
-          formats (an `InstructBlipDataCollator` passed in is wrapped the same way); TRL's own collators are refused
-          and any other collator's batches must be in LAVIS's layout (`check_lavis_layout`);
+          formats (an `InstructBlipDataCollator` passed in is wrapped the same way); other collators, TRL's
+          included, are refused;
         - decoder-only LLMs take TRL's loss (fused LM head, `entropy` and `mean_token_accuracy` metrics);
           encoder-decoder ones the model's own loss (TRL's head would misalign T5's labels), without those metrics,
           so `loss_type="dft"`, `label_smoothing_factor` and `compute_loss_func` are refused there;
@@ -285,7 +223,7 @@ class InstructBlipSFTTrainer(InstructBlipTrainerGlue, SFTTrainer):
         self._decoder_only = bool(config.use_decoder_only_language_model)
         if kwargs.get("formatting_func") is not None:
             raise ValueError("`formatting_func`: expected None; examples are turned into records on the fly "
-                             "(see `instruction_record`), not formatted into text.")
+                             "(see `trl_record`), not formatted into text.")
         if kwargs.get("peft_config") is not None:
             # TRL's `get_peft_model` would run after `freeze_for_instruction_tuning` and freeze the Q-Former again.
             raise ValueError("`peft_config`: expected None; wrap the model yourself, in this order: `model = "
@@ -299,23 +237,19 @@ class InstructBlipSFTTrainer(InstructBlipTrainerGlue, SFTTrainer):
                 if found != expected:
                     raise ValueError(f"`{name}`: expected {expected!r} for an encoder-decoder LLM, found {found!r}; "
                                      "its loss is the model's own (TRL's fused LM head misaligns T5's labels).")
-        if isinstance(data_collator, (DataCollatorForVisionLanguageModeling, DataCollatorForLanguageModeling)):
-            raise TypeError(f"`data_collator`: TRL's {type(data_collator).__name__} does not build LAVIS's layout "
-                            "(no bos / eos around the prompt and answer, a T5's answer in the encoder input); leave "
-                            "`data_collator=None` for InstructBlipDataCollator.")
+        if data_collator is not None and not isinstance(data_collator, InstructBlipDataCollator):
+            # LAVIS's layout has one writer (`InstructBlipDataCollator`, through `model.layout`); TRL's own collators
+            # build others (no bos / eos around prompt and answer, a T5's answer in the encoder input).
+            raise TypeError(f"`data_collator`: expected None or an InstructBlipDataCollator (subclass it to collate "
+                            f"differently), found {type(data_collator).__name__}.")
         if processing_class is None and isinstance(data_collator, InstructBlipDataCollator):
             processing_class = data_collator.processor
         if processing_class is None:
             raise ValueError("`processing_class`: expected the model's InstructBlipProcessor, found None.")
         if data_collator is None:
             data_collator = InstructBlipDataCollator(processing_class, decoder_only=self._decoder_only)
-        if isinstance(data_collator, InstructBlipDataCollator):
-            self._check_collator(data_collator, config)
-            data_collator = TrlFormatCollator(data_collator)
-        self._layout = dict(decoder_only=self._decoder_only, image_token_id=config.image_token_index,
-                            eos_token_id=processing_class.tokenizer.eos_token_id, bos_token_id=None)
-        if self._decoder_only and tokenizer_adds_bos(processing_class.tokenizer):
-            self._layout["bos_token_id"] = processing_class.tokenizer.bos_token_id
+        self._check_collator(data_collator, config)
+        data_collator = TrlFormatCollator(data_collator)
         super().__init__(model, args=args, data_collator=data_collator,
                          train_dataset=_as_dataset(train_dataset, "train_dataset"),
                          eval_dataset=_as_dataset(eval_dataset, "eval_dataset"),
@@ -332,8 +266,6 @@ class InstructBlipSFTTrainer(InstructBlipTrainerGlue, SFTTrainer):
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         """TRL's loss for decoder-only LLMs, the model's own for encoder-decoder ones, on LAVIS-layout batches."""
         inputs = self.model_inputs(model, inputs)  # metadata dropped; image_ids -> cached image_embeds
-        if "labels" in inputs and not isinstance(self.data_collator, TrlFormatCollator):
-            check_lavis_layout(inputs, **self._layout)  # ours is LAVIS by construction: no per-step host sync
         if self._decoder_only:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
