@@ -1,16 +1,10 @@
-"""lmms-eval model plugin: `lmms-eval --model hf_instructblip --model_args pretrained=PATH` runs our InstructBLIP.
+"""lmms-eval model plugin: `lmms-eval --model hf_instructblip --model_args pretrained=PATH` runs our InstructBLIP,
+found through the `lmms_eval.models` entry point (pyproject.toml -> `manifest`). It generates in batches through
+`evaluate.generation` and scores multiple-choice requests through `rank_candidates`. This is the only module that
+imports lmms_eval; nothing else imports it.
 
-lmms-eval (0.7.3 and newer) finds models through the `lmms_eval.models` entry-point group; ours (declared in
-pyproject.toml) points at `manifest`, which names `InstructBlipLmms`. Over the harness's own `instructblip` model it
-adds batched generation (left-padded batches, answers without the prompt echo), `loglikelihood` (multiple-choice
-tasks) and the request's generation settings.
-
-This is the only module that imports lmms_eval; nothing else in the package imports this one, so the package works
-without lmms-eval installed.
-
-Known upstream problems (lmms-eval 0.7.3, and its main branch as of 2026-08): `simple_evaluate` needs filelock < 4
-(it patches `filelock._api`), and its evaluator turns every `loglikelihood` result `(float, bool)` into a string
-before `multiple_choice` scoring, which then fails for every model; `generate_until` tasks are unaffected.
+Known upstream problems (lmms-eval 0.7.3): `simple_evaluate` needs filelock < 4, and its evaluator turns every
+`loglikelihood` result into a string before `multiple_choice` scoring, which then fails for every model.
 
 Example:
     $ lmms-eval --model hf_instructblip --model_args pretrained=Salesforce/instructblip-vicuna-7b,dtype=bfloat16 \\

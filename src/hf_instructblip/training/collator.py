@@ -1,22 +1,11 @@
-"""Instruction-tuning batches: raw `{image, instruction, answer}` records -> model inputs with `labels`.
+"""Instruction-tuning batches: raw `{image, instruction, answer}` records -> model inputs with `labels`, in LAVIS's
+training layout (`model.layout` places it; LAVIS never released this code for InstructBLIP, these are its
+`blip2_*_instruct` semantics), built from token ids, never by re-splitting rendered strings.
 
-Token layout follows LAVIS (which never released this code for InstructBLIP; these are its `blip2_*_instruct`
-training semantics), built from token ids, never by re-splitting rendered strings, and placed by `model.layout`
-(the one writer of the layout, shared with the processor and `generate`):
-
-- decoder-only LLM: `[image x Q][bos][prompt][answer][eos][pad]` (right padding); labels are -100 on the
-  placeholders, bos, prompt and pad, so only `answer + eos` is learned.
-- encoder-decoder LLM (T5): encoder `[image x Q][prompt][eos][pad]`, labels `[answer][eos]` with pad -> -100
-  (the model builds `decoder_input_ids` from the labels).
-- prompt: left-truncated (the end of an instruction holds the question); answer: right-truncated, eos kept.
-- Q-Former: the instruction with its tokenizer's specials, left-truncated to `qformer_max_length`.
-- video records carry `video` (a clip: a list of frames, see `InstructBlipVideoProcessor`) instead of `image`; the
-  layout is the same with T x Q placeholders (T frames per clip) and `pixel_values` `[B, T, 3, H, W]`.
-- `prompt_only=True` (evaluation with `generate`): the prompt as generation reads it and the processor writes it,
-  with no answer in the inputs: decoder-only `[image x Q][pad][bos][prompt]` (the text left padded behind the
-  placeholders, as LAVIS and `InstructBlipProcessor` lay out batched prompts), T5 unchanged; labels `[answer][eos]`
-  right padded with -100 on both paths, so they decode to the references; decoder-only batches also carry the
-  training layout of the same records as `loss_inputs` (the evaluation loss).
+The rules decided here: the prompt is left-truncated (the end of an instruction holds the question), the answer
+right-truncated with its eos kept; the Q-Former reads the instruction with its tokenizer's specials, left-truncated to
+`qformer_max_length`; video records carry `video` (a clip) instead of `image`, laid out alike with T x Q placeholders
+and `pixel_values` `[B, T, 3, H, W]`.
 """
 
 from __future__ import annotations
@@ -87,14 +76,10 @@ class InstructBlipDataCollator:
         train_on_prompt: also learn the prompt tokens (decoder-only LLMs only).
         add_bos: prepend bos to the decoder-only prompt; None -> when the tokenizer adds one itself, so training
             sees the prompt exactly as the processor writes it at inference.
-        prompt_only: evaluation with `generate` (`predict_with_generate`): `input_ids` hold the prompt alone, laid
-            out as generation reads it (decoder-only: `[image x Q][pad][bos][prompt]`, the text left padded behind
-            the placeholders, as `InstructBlipProcessor` writes batched prompts; T5: the training layout), and
-            `labels` hold the reference `[answer][eos]` `[B, L_answer]`, right padded with -100 (`EvalPrediction.
-            label_ids` decode to the references). `answer` may then be absent from every record (no `labels`).
-            Decoder-only batches with answers also hold `loss_inputs`: `input_ids`, `attention_mask` and `labels`
-            of the training layout, for the evaluation loss. `InstructBlipTrainer` builds this collator itself from
-            the training one when `predict_with_generate` is set.
+        prompt_only: evaluation with `generate`: `input_ids` hold the prompt as the processor writes it for
+            generation (`layout.generation_prompts`), `labels` the reference `[answer][eos]` `[B, L_answer]` (-100
+            padded; absent when no record has an answer) and, decoder-only, `loss_inputs` the training layout of the
+            same records (the evaluation loss). `InstructBlipTrainer` derives it with `predict_with_generate`.
 
     Returns the model's tensors with `labels`, plus `dataset` names and `image_ids` `[B]` when the records carry
     them (`InstructBlipTrainer` logs per-dataset losses and looks the ids up in its vision feature cache).

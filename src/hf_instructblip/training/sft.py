@@ -1,20 +1,11 @@
-"""`InstructBlipSFTTrainer`: TRL's `SFTTrainer`, fitted to InstructBLIP's Q-Former-only instruction tuning.
+"""`InstructBlipSFTTrainer`: TRL's `SFTTrainer`, fitted to InstructBLIP's Q-Former-only instruction tuning (checked
+against TRL 1.16; TRL is imported here only).
 
-TRL is imported here only: `import hf_instructblip` works without it.
-
-What plain `trl.SFTTrainer` gets wrong for InstructBLIP, and what this trainer does instead (checked against TRL 1.16):
-- TRL's vision collator builds decoder-only sequences without bos and without eos on the completion (the model never
-  learns to stop), puts a T5's answer in the encoder input, and labels every token of conversational data, image
-  placeholders included.
-  Here batches come from `InstructBlipDataCollator` (LAVIS's layout), and TRL's formats (`prompt`/`completion`,
-  `messages`, both with `images`) are turned into its `{image, instruction, answer}` records; other collators are
-  refused (and our processor refuses the special-token-free calls of TRL's collator under plain `SFTTrainer`).
-- TRL's fused LM head scores decoder-only positions against the next label, which is right there; for an
-  encoder-decoder LLM it would shift T5's labels (decoder position t predicts label t) and skip the rescaling a
-  tied-embedding T5 applies before its head. Encoder-decoder models take the model's own loss (`fused_head_loss=True`).
-- TRL refuses plain lists as datasets: a list of records becomes a `datasets.Dataset` that returns them unchanged.
-- Batches hold raw records, so `remove_unused_columns=False` and `dataset_kwargs={"skip_prepare_dataset": True}` are
-  set; SFT options that only TRL's own batching reads (`max_length`, packing, ...) are refused when changed.
+Plain `trl.SFTTrainer` trains InstructBLIP wrong: its vision collator gives decoder-only sequences no bos and no eos
+on the completion (the model never learns to stop), puts a T5's answer in the encoder input and labels every token
+of conversational data, and its fused LM head would shift T5's labels. Here TRL's dataset formats become
+`InstructBlipDataCollator` records (LAVIS's layout), decoder-only LLMs take TRL's loss and encoder-decoder ones the
+model's own; the class docstring lists every difference.
 """
 
 from __future__ import annotations

@@ -40,12 +40,9 @@ class InstructBlipTrainer(InstructBlipTrainerGlue, Trainer):
     Args (besides `Trainer`'s):
         train_sampler: sampler for the training DataLoader (None: `Trainer`'s random one). It must yield the same
             indices on every process (seed it, avoid global RNG); with `set_epoch`, a `SamplerEpochCallback` is added.
-        save_trainable_only: save only the trained weights (`instructblip_trainable.safetensors`) instead of
-            the full model; load them with `load_trainable_weights(base_model, checkpoint_dir)`.
+        save_trainable_only, vision_feature_cache: see `InstructBlipTrainerGlue`.
         fused_head_loss: training forwards take the loss through the frozen LM head without keeping `[tokens,
             vocab]` logits (less memory, same loss); evaluation forwards keep theirs for `compute_metrics`.
-        vision_feature_cache: look batches' `image_ids` up in this cache and hand the model `image_embeds`
-            (frozen vision encoder only). Without it, `image_ids` are dropped.
         eval_data_collator: collator of `evaluate` / `predict` batches (None: `data_collator`; with
             `predict_with_generate`, an `InstructBlipDataCollator` given as `data_collator` is copied with
             `prompt_only=True`). With `predict_with_generate` an `InstructBlipDataCollator` here must be prompt-only.
