@@ -107,6 +107,7 @@ class QFormerForPretraining(InstructBlipPreTrainedModel):
 
     config_class = QFormerPretrainingConfig
     main_input_name = "pixel_values"
+    accepts_loss_kwargs = False  # batch-mean losses: `Trainer` divides them by the gradient accumulation steps
     _no_split_modules = ["EvaEncoderLayer", "QFormerLayer"]
 
     def __init__(self, config: QFormerPretrainingConfig):
