@@ -1,12 +1,13 @@
 """BLIP-2's two pretraining stages, then instruction tuning, on the procedural shapes world (offline, CPU).
 
-    python examples/pretrain_qformer.py                       # ~2-3 minutes on 2 cores
+    python examples/pretrain_qformer.py                       # a few minutes on 2 CPU cores
     python examples/pretrain_qformer.py --stage1-steps 20 --stage2-steps 20 --tuning-steps 20 --vision-steps 50
 
 1. The frozen parts get the short pretraining the shapes world needs (examples/shapes.py): the vision encoder
    learns shape and colour, the LLM learns to read a scene described in words.
 2. Stage 1 (`QFormerForPretraining` + `QFormerPretrainingTrainer`): a new Q-Former (text feed-forward copied into
-   the query feed-forward, as LAVIS starts from BERT) learns ITC + ITM + ITG on captions "<colour> <shape>".
+   the query feed-forward, as LAVIS starts from BERT) learns ITC + ITM + ITG on captions "<colour> <shape>",
+   batches of the 16 distinct captions (duplicates would be false negatives for ITC and ITM).
    Reported: image -> text retrieval recall@1 among the 16 distinct captions (chance 1/16), by ITC similarity.
 3. Stage 2 (`stage2_model`, `caption_records`, `InstructBlipTrainer`): the stage-1 folder + the LLM through
    `from_blip2` with `instruction_aware=False`; Q-Former, queries and projection learn to caption through the
@@ -44,10 +45,10 @@ CAPTIONS = [f"{colour} {shape}" for colour, shape in itertools.product(shapes.CO
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/pretrain_qformer")
-    parser.add_argument("--vision-steps", type=int, default=400)
-    parser.add_argument("--llm-steps", type=int, default=300)
-    parser.add_argument("--stage1-steps", type=int, default=300)
-    parser.add_argument("--stage2-steps", type=int, default=200)
+    parser.add_argument("--vision-steps", type=int, default=300)
+    parser.add_argument("--llm-steps", type=int, default=200)
+    parser.add_argument("--stage1-steps", type=int, default=200)
+    parser.add_argument("--stage2-steps", type=int, default=150)
     parser.add_argument("--tuning-steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-size", type=int, default=160)
@@ -62,6 +63,21 @@ def caption_set(count: int, seed: int) -> list[dict]:
         colour, shape = str(rng.choice(list(shapes.COLOURS))), str(rng.choice(shapes.SHAPES))
         records.append({"image": shapes.draw_shape(colour, shape, rng), "caption": f"{colour} {shape}"})
     return records
+
+
+class DistinctCaptionBlocks(torch.utils.data.IterableDataset):
+    """Stage-1 records in blocks of the 16 distinct captions (fresh images each time): a batch of 16 then holds no
+    duplicate caption, which ITC (one positive per row) and ITM (a negative that is not a positive) assume."""
+
+    def __init__(self, count: int, seed: int):
+        self.count, self.seed = count, seed
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        for start in range(0, self.count, len(CAPTIONS)):
+            for index in rng.permutation(len(CAPTIONS))[: self.count - start]:
+                colour, shape = CAPTIONS[index].split()
+                yield {"image": shapes.draw_shape(colour, shape, rng), "caption": CAPTIONS[index]}
 
 
 def qformer_tokenizer():
@@ -86,8 +102,10 @@ def stage1_model(processor, tokenizer, seed: int) -> QFormerForPretraining:
     return model
 
 
-def trainer_args(out: Path, steps: int, args: argparse.Namespace, lr: float) -> TrainingArguments:
-    return TrainingArguments(str(out), per_device_train_batch_size=args.batch_size, max_steps=steps, learning_rate=lr,
+def trainer_args(out: Path, steps: int, args: argparse.Namespace, lr: float, batch: int | None = None
+                 ) -> TrainingArguments:
+    return TrainingArguments(str(out), per_device_train_batch_size=batch or args.batch_size, max_steps=steps,
+                             learning_rate=lr,
                              lr_scheduler_type="cosine", warmup_steps=min(20, steps // 10), weight_decay=0.0,
                              logging_steps=max(1, steps // 5), save_strategy="no", report_to=[], use_cpu=True,
                              seed=args.seed, dataloader_num_workers=0, disable_tqdm=True)
@@ -125,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     collator = QFormerPretrainingCollator(processor.image_processor, tokenizer)
     held_out = caption_set(args.eval_size, args.seed + 50)
     before = recall_at_1(stage1, collator, held_out)
-    trainer = QFormerPretrainingTrainer(model=stage1, data_collator=collator,
-                                        train_dataset=caption_set(args.stage1_steps * args.batch_size, args.seed + 1),
-                                        args=trainer_args(out / "stage1_trainer", args.stage1_steps, args, 1e-3))
+    stage1_data = DistinctCaptionBlocks(args.stage1_steps * len(CAPTIONS), args.seed + 1)
+    stage1_args = trainer_args(out / "stage1_trainer", args.stage1_steps, args, 1e-3, batch=len(CAPTIONS))
+    trainer = QFormerPretrainingTrainer(model=stage1, data_collator=collator, train_dataset=stage1_data,
+                                        args=stage1_args)
     trainer.train()
     last = [log for log in trainer.state.log_history if "loss_itc" in log][-1]
     after = recall_at_1(stage1, collator, held_out)
