@@ -59,6 +59,7 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
     shapes.draw_shape("red", "circle", np.random.default_rng(0)).save(tmp_path / "photo.jpg")
     # The BLIP-2 start's ids, as tiny random local folders of the same names.
     blip2_sources.blip2_folder(tmp_path / "Salesforce" / "blip2-flan-t5-xl", "opt")
+    blip2_sources.blip2_folder(tmp_path / "Salesforce" / "blip2-itm-vit-g", stage=1)
     blip2_sources.llm_folder(tmp_path / "Qwen" / "Qwen2.5-7B-Instruct", "llama")
     blip2_sources.bert_folder(tmp_path / "bert-base-uncased")
     monkeypatch.chdir(tmp_path)

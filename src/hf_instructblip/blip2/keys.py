@@ -29,6 +29,19 @@ HF_BLIP2_DROPS: tuple[tuple[str, str], ...] = (
     (r"(?:vision_projection|text_projection|itm_head)\..+",
      "stage-1 contrastive / matching head (ITC, ITM): not part of InstructBLIP"),
     (r"(?:qformer\.)?embeddings\.position_ids", "position-id buffer: recomputed"),
+    (r"temp|itg_head\..+", "stage-1 temperature / ITG head of `pretraining.QFormerForPretraining`: not part of "
+     "InstructBLIP"),
+)
+
+# Ours -> transformers' Blip2ForConditionalGeneration (stage 2: BLIP-2 deleted the Q-Former's text side).
+HF_BLIP2_STAGE2_EXPORT_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"qformer\.embeddings\.layernorm\.(weight|bias)", r"qformer.layernorm.\1"),
+    (r"(query_tokens|vision_model\..+|qformer\.encoder\..+|language_projection\..+|language_model\..+)", r"\1"),
+)
+HF_BLIP2_STAGE2_EXPORT_DROPS: tuple[tuple[str, str], ...] = (
+    (r"qformer\.embeddings\.(?:word|position)_embeddings\.weight|qformer\.encoder\.layer\.\d+\.(?:intermediate|output)\."
+     r"(?:dense|LayerNorm)\.(?:weight|bias)", "the Q-Former's text side: not in BLIP-2 stage 2 (its queries never read "
+     "text)"),
 )
 
 # LAVIS BLIP-2 keys the InstructBLIP converter does not know (checked before `lavis_mapping`'s own rules).

@@ -134,14 +134,23 @@ class QFormerEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor | None, query_embeds: torch.Tensor | None) -> torch.Tensor:
-        parts = []
-        if query_embeds is not None:
-            parts.append(query_embeds)  # [B, Q, D]; queries carry no position embedding
-        if input_ids is not None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # text positions start at 0
-            parts.append(self.word_embeddings(input_ids) + self.position_embeddings(positions))  # [B, T, D]
-        embeddings = torch.cat(parts, dim=1).to(self.layernorm.weight.dtype)
-        return self.dropout(self.layernorm(embeddings))
+        return self.dropout(embed_queries_and_text(self, self.layernorm, input_ids, query_embeds))
+
+
+def embed_queries_and_text(
+    embeddings: nn.Module, layernorm: nn.LayerNorm, input_ids: torch.Tensor | None, query_embeds: torch.Tensor | None
+) -> torch.Tensor:
+    """`layernorm([queries; word + position embeddings of input_ids])` `[B, Q + T, D]`: the one place of the rule
+    (queries carry no position embedding, text positions start at 0, one LayerNorm over both). `embeddings` holds
+    `word_embeddings` and `position_embeddings` (ours: `QFormerEmbeddings`; BLIP-2 stage 1 keeps them apart from the
+    LayerNorm, as `pretraining` does)."""
+    parts = []
+    if query_embeds is not None:
+        parts.append(query_embeds)  # [B, Q, D]
+    if input_ids is not None:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        parts.append(embeddings.word_embeddings(input_ids) + embeddings.position_embeddings(positions))  # [B, T, D]
+    return layernorm(torch.cat(parts, dim=1).to(layernorm.weight.dtype))
 
 
 class QFormerEncoder(nn.Module):

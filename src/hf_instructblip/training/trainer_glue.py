@@ -117,9 +117,10 @@ class InstructBlipTrainerGlue:
         CKPT/pytorch_model_fsdp_0 CKPT` turns a checkpoint into a `from_pretrained` folder."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        peft = instructblip_base(model) is not model  # a PEFT model wraps the InstructBLIP one
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # any model of ours
+        peft = base is not model  # a PEFT model wraps ours
         if self._sharded_fsdp_checkpoints() and self.args.should_save:
-            instructblip_base(model).config.save_pretrained(output_dir)
+            base.config.save_pretrained(output_dir)
         if not self.save_trainable_only:
             super().save_model(output_dir, _internal_call=_internal_call)
         elif self.args.should_save:
