@@ -42,6 +42,7 @@ def test_ci_installs_what_the_readme_installs_from_the_lock():
     ci = [line.split("#")[0].strip().removeprefix("python -m pip install --quiet ")
           for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python -m pip install")]
     assert readme == ci and len(ci) == 3
+    assert "bash .ci/fetch_lavis_wheel.sh" in first and "bash .ci/fetch_lavis_wheel.sh" in (ROOT / ".ci" / "run").read_text()
     assert all(args.startswith("-c constraints.txt ") for args in ci)
     pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
                 if line and not line.startswith("#"))

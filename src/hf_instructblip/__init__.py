@@ -35,6 +35,11 @@ _LAZY_MODULES = {
                           "normalize_vqa_answer", "roc_auc", "target_rank", "vqa_accuracy", "vqa_example_accuracy"),
     ".evaluate.ranking": ("CandidateRanking", "rank_candidates"),
     ".hub": ("LocalHubApi", "model_card", "push_to_hub", "push_trainable_to_hub", "trainable_card"),
+    ".pretraining.collator": ("QFormerPretrainingCollator",),
+    ".pretraining.configuration": ("QFormerPretrainingConfig",),
+    ".pretraining.modeling": ("QFormerForPretraining", "QFormerPretrainingOutput"),
+    ".pretraining.stage2": ("caption_records", "export_blip2", "stage2_model"),
+    ".pretraining.trainer": ("QFormerPretrainingTrainer",),
     ".templates": ("eval_prompt", "make_instruction_record", "template_family", "templates_for"),
     ".training.collator": ("InstructBlipDataCollator",),
     ".training.freezing": ("ParameterTable", "freeze_for_instruction_tuning", "load_trainable_weights",
@@ -57,6 +62,11 @@ if TYPE_CHECKING:
                                    normalize_vqa_answer, roc_auc, target_rank, vqa_accuracy, vqa_example_accuracy)
     from .evaluate.ranking import CandidateRanking, rank_candidates
     from .hub import LocalHubApi, model_card, push_to_hub, push_trainable_to_hub, trainable_card
+    from .pretraining.collator import QFormerPretrainingCollator
+    from .pretraining.configuration import QFormerPretrainingConfig
+    from .pretraining.modeling import QFormerForPretraining, QFormerPretrainingOutput
+    from .pretraining.stage2 import caption_records, export_blip2, stage2_model
+    from .pretraining.trainer import QFormerPretrainingTrainer
     from .templates import eval_prompt, make_instruction_record, template_family, templates_for
     from .training.collator import InstructBlipDataCollator
     from .training.freezing import (ParameterTable, freeze_for_instruction_tuning, load_trainable_weights,
