@@ -339,7 +339,7 @@ def test_error_missing_qformer_input_ids(model):
 @pytest.mark.parametrize(
     "pixels, message",
     [
-        (torch.zeros(3, 28, 28), r"shape \[batch, 3, height, width\], found \[3, 28, 28\]"),
+        (torch.zeros(3, 28, 28), r"\[batch, channels, height, width\] .*found rank 3 \[3, 28, 28\]"),
         (torch.zeros(3, 1, 28, 28), r"shape \[batch, 3, height, width\], found \[3, 1, 28, 28\]"),
         (torch.zeros(3, 3, 32, 28), r"must be 28x28.*found 32x28"),
     ],
