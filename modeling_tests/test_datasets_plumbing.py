@@ -170,7 +170,7 @@ def test_unknown_sizes_need_explicit_probabilities():
     with pytest.raises(ValueError, match=r"probabilities: the sizes of \['b'\] are unknown .*pass "
                                          r"probabilities=\{name: p\}"):
         StreamingInstructionMixture(sources)
-    with pytest.raises(ValueError, match=r"probabilities: expected one per source \['a', 'b'\], got keys \['a'\]"):
+    with pytest.raises(ValueError, match=r"probabilities: expected one per dataset \[.a., .b.\], got keys \[.a.\]"):
         StreamingInstructionMixture(sources, probabilities={"a": 1.0})
     with pytest.raises(ValueError, match=r"probabilities: expected either probabilities or multipliers"):
         StreamingInstructionMixture(sources, probabilities=[1, 1], multipliers=[1, 2])

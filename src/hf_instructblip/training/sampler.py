@@ -42,32 +42,36 @@ def _sizes_of(datasets: ConcatDataset | Sequence[int]) -> list[int]:
     return [check_int(f"datasets[{i}] (a dataset size)", size, 0) for i, size in enumerate(datasets)]
 
 
-def _resolve_multipliers(
-    multipliers: Sequence[float] | Mapping[str | int, float] | None, names: Sequence[str]
-) -> list[float]:
-    """One multiplier per dataset, from a full list or a {name or index: multiplier} map (missing = 1)."""
+def per_dataset(values: Sequence[float] | Mapping[str | int, float] | None, names: Sequence[str], what: str,
+                default: float | None = None) -> list[float]:
+    """One non-negative number per dataset, from a full list or a {name or index: value} map; datasets a map leaves
+    out get `default` (None: every dataset must be given). The one reader of multipliers and stream probabilities.
+
+    >>> per_dataset({"coco": 2.0}, ["vqa", "coco"], "multipliers", default=1.0)
+    [1.0, 2.0]
+    """
     count = len(names)
-    if multipliers is None:
-        return [1.0] * count
-    if isinstance(multipliers, Mapping):
-        resolved = [1.0] * count
-        for key, value in multipliers.items():
-            if isinstance(key, str):
-                if key not in names:
-                    raise ValueError(f"multipliers: unknown dataset name {key!r}; the datasets are {list(names)}")
+    if values is None:
+        values = {}
+    if isinstance(values, Mapping):
+        resolved: list[float | None] = [default] * count
+        for key, value in values.items():
+            if isinstance(key, str) and key in names:
                 position = names.index(key)
             elif isinstance(key, (int, np.integer)) and not isinstance(key, bool) and -count <= key < count:
                 position = int(key) % count
             else:
-                raise ValueError(f"multipliers: keys must be dataset names {list(names)} or indices in "
-                                 f"[0, {count}), got {key!r}")
-            resolved[position] = check_weight(f"multipliers[{key!r}]", value)
+                raise ValueError(f"{what}: keys must be dataset names {list(names)} or indices in [0, {count}), "
+                                 f"got {key!r}")
+            resolved[position] = check_weight(f"{what}[{key!r}]", value)
+        if None in resolved:
+            raise ValueError(f"{what}: expected one per dataset {list(names)}, got keys {list(values)}")
         return resolved
-    if isinstance(multipliers, (str, bytes)) or not isinstance(multipliers, Sequence):
-        raise TypeError(f"multipliers: expected a list or a dict, got {type(multipliers).__name__}")
-    if len(multipliers) != count:
-        raise ValueError(f"multipliers: expected one per dataset ({count}), got {len(multipliers)}")
-    return [check_weight(f"multipliers[{i}]", value) for i, value in enumerate(multipliers)]
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{what}: expected a list or a {{name: value}} dict, got {type(values).__name__}")
+    if len(values) != count:
+        raise ValueError(f"{what}: expected one per dataset ({count}), got {len(values)}")
+    return [check_weight(f"{what}[{i}]", value) for i, value in enumerate(values)]
 
 
 def mixture_weights(
@@ -83,7 +87,7 @@ def mixture_weights(
     alpha = check_weight("alpha", alpha)
     if size_cap is not None:
         size_cap = check_int("size_cap", size_cap, 1)
-    factors = _resolve_multipliers(multipliers, names)
+    factors = per_dataset(multipliers, names, "multipliers", default=1.0)
     weights = []
     for name, size, factor in zip(names, sizes, factors):
         effective = min(size, size_cap) if size_cap is not None else size

@@ -31,8 +31,8 @@ from .sources import (
     shards_itself,
     source_record,
 )
-from ..model.validation import check_int, check_weight
-from .sampler import mixture_weights
+from ..model.validation import check_int
+from .sampler import mixture_weights, per_dataset
 
 _CHOICE_STREAM = 2  # numpy stream tag of the streaming mixture's source draws (the sampler uses 0 and 1)
 _CHOICE_CHUNK = 1024  # source draws per numpy call
@@ -55,16 +55,8 @@ def _stream_probabilities(
         weights = mixture_weights(sizes, alpha, multipliers, size_cap, names)
     elif multipliers is not None or size_cap is not None:
         raise ValueError("probabilities: expected either probabilities or multipliers / size_cap, got both")
-    elif isinstance(probabilities, Mapping):
-        if set(probabilities) != set(names):
-            raise ValueError(f"probabilities: expected one per source {names}, got keys {list(probabilities)}")
-        weights = [check_weight(f"probabilities[{name!r}]", probabilities[name]) for name in names]
-    elif isinstance(probabilities, Sequence) and not isinstance(probabilities, (str, bytes)):
-        if len(probabilities) != len(names):
-            raise ValueError(f"probabilities: expected one per source ({len(names)}), got {len(probabilities)}")
-        weights = [check_weight(f"probabilities[{i}]", p) for i, p in enumerate(probabilities)]
     else:
-        raise TypeError(f"probabilities: expected a list or a {{name: p}} dict, got {type(probabilities).__name__}")
+        weights = per_dataset(probabilities, names, "probabilities")
     total = sum(weights)
     if total <= 0:
         raise ValueError(f"probabilities: expected a positive sum, got {weights}")
