@@ -148,6 +148,26 @@ def test_drawn_negatives_never_pick_the_positive_and_given_ones_are_checked():
         ours(**batch, negative_text_indices=torch.tensor([1, 2, 3, 4]))
     with pytest.raises(ValueError, match="exactly one of `pixel_values` / `image_embeds`"):
         ours(input_ids=batch["input_ids"])
+    with pytest.raises(ValueError, match=r"`negative_image_indices` must be an integer tensor of shape \[4\]"):
+        ours(**batch, negative_image_indices=torch.tensor([False, True, True, True]))
+    one = stage1_cases.batch(1)
+    with pytest.raises(ValueError, match="at least 2 image-caption pairs in the global batch.*found 1"):
+        ours(**one)  # ITM would have no negative to draw (torch.multinomial fails on all-zero weights)
+    with pytest.raises(ValueError, match="one caption per image: 4 images, found 1 captions"):
+        ours(pixel_values=batch["pixel_values"], input_ids=one["input_ids"])
+
+
+def test_stage1_trainer_refuses_the_glue_options_of_instructblip_models(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_instructblip import QFormerPretrainingTrainer, VisionFeatureCache
+
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    for option in ({"save_trainable_only": True}, {"vision_feature_cache": VisionFeatureCache()}):
+        with pytest.raises(ValueError, match=f"`{next(iter(option))}`: expected"):
+            QFormerPretrainingTrainer(model=stage1_cases.model(), args=args, **option)
+    trainer = QFormerPretrainingTrainer(model=stage1_cases.model(), args=args)
+    assert trainer.args.dataloader_drop_last and not args.dataloader_drop_last  # the caller's arguments untouched
 
 
 def test_round_trip_with_transformers_blip2_for_image_text_retrieval(tmp_path):

@@ -30,6 +30,10 @@ def test_captions_become_collator_records():
     assert any(r["instruction"] for r in split)
     with pytest.raises(ValueError, match="record 0: expected a mapping with 'image' and a non-empty str 'caption'"):
         caption_records([{"image": None, "caption": " "}], encoder_decoder=False)
+    with pytest.raises(TypeError, match="`encoder_decoder` must be a bool, found str"):
+        caption_records(CAPTIONS, encoder_decoder="False")  # a truthy string would split every caption
+    with pytest.raises(ValueError, match="`seed` must be an int >= 0, found -1"):
+        caption_records(CAPTIONS, encoder_decoder=True, seed=-1)
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])

@@ -55,9 +55,8 @@ def generation_prompts(prompts: list[list[int]], pad_id: int, image_token_id: in
         [[5, 5, 1, 7, 8], [5, 5, 0, 1, 9]]
     """
     ids, mask = pad_left(prompts, pad_id)  # [B, L_text]
-    ids = prepend_image_placeholders(ids.tolist(), image_token_id, count)
-    mask = prepend_image_placeholders(mask.tolist(), 1, count)
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)  # [B, count + L_text]
+    image = torch.full((len(prompts), count), image_token_id, dtype=torch.long)  # [B, count]
+    return torch.cat([image, ids], dim=1), torch.cat([torch.ones_like(image), mask], dim=1)
 
 
 def training_sequences(prompts: list[list[int]], answers: list[list[int]], *, decoder_only: bool, pad_id: int,

@@ -65,3 +65,27 @@ def global_sum(value: torch.Tensor) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value)
     return value
+
+
+def check_global_batch(batch: int, texts: int) -> int:
+    """The global batch size, checked: one caption per image, the same batch on every process (the gathers and the
+    global targets assume it), and at least 2 pairs (ITM draws a negative among the others)."""
+    if texts != batch:
+        raise ValueError(f"`input_ids` must hold one caption per image: {batch} images, found {texts} captions.")
+    sizes = [batch]
+    if world()[1] > 1:
+        found = gather_no_grad(torch.tensor([batch], device=_device()))
+        sizes = found.tolist()
+    if len(set(sizes)) > 1:
+        raise ValueError(f"every process must hold the same batch size (the contrastive targets and gathers assume "
+                         f"it), found {sizes}; drop the last incomplete batch (`dataloader_drop_last=True`).")
+    if batch * len(sizes) < 2:
+        raise ValueError(f"stage 1 needs at least 2 image-caption pairs in the global batch (ITM draws each pair's "
+                         f"negative among the others), found {batch * len(sizes)}; use `dataloader_drop_last=True` "
+                         "or a larger batch.")
+    return batch * len(sizes)
+
+
+def _device() -> torch.device:
+    """Where the process group's collectives run (gloo: the CPU; nccl: this process's GPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -66,7 +66,7 @@ def check_negatives(name: str, indices: torch.Tensor | None, batch: int, global_
     if indices is None:
         return None
     indices = torch.as_tensor(indices, device=device)
-    if indices.shape != (batch,) or indices.is_floating_point():
+    if indices.shape != (batch,) or indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"`{name}` must be an integer tensor of shape [{batch}], found {indices.dtype} "
                          f"{tuple(indices.shape)}.")
     if ((indices < 0) | (indices >= global_batch)).any():

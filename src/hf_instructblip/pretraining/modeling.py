@@ -24,7 +24,7 @@ from ..model.pretrained import InstructBlipPreTrainedModel
 from ..model.qformer import QFormerEncoder, embed_queries_and_text
 from ..model.vision_encoder import InstructBlipVisionModel
 from .configuration import QFormerPretrainingConfig
-from .distributed import gather_no_grad, gather_with_grad, world
+from .distributed import check_global_batch, gather_no_grad, gather_with_grad
 from .losses import check_negatives, hard_negatives, itc_loss, itg_loss
 
 
@@ -214,14 +214,13 @@ class QFormerForPretraining(InstructBlipPreTrainedModel):
         if image_embeds is None:
             image_embeds = self.image_embeds(pixel_values)
         batch = image_embeds.shape[0]
+        global_batch = check_global_batch(batch, input_ids.shape[0])
         # ITC over the global batch
-        query_out = self.qformer_states(image_embeds=image_embeds)
-        image_feats = F.normalize(self.vision_projection(query_out), dim=-1)  # [b, Q, E]
+        image_feats = self.image_features(image_embeds)  # [b, Q, E]
         text_feat = self.text_features(input_ids, attention_mask)  # [b, E]
         loss_itc, sim_i2t, sim_t2i = itc_loss(image_feats, gather_no_grad(image_feats), text_feat,
                                               gather_no_grad(text_feat), self.temp)
         # ITM: pos pairs, (neg image, text), (image, neg text)
-        global_batch = batch * world()[1]
         neg_images = check_negatives("negative_image_indices", negative_image_indices, batch, global_batch,
                                      image_embeds.device)
         neg_texts = check_negatives("negative_text_indices", negative_text_indices, batch, global_batch,
@@ -239,7 +238,7 @@ class QFormerForPretraining(InstructBlipPreTrainedModel):
         # ITG: [DEC] + caption, queries visible, causal text
         decoder_ids = input_ids.clone()
         decoder_ids[:, 0] = self.decoder_start_token_id()
-        labels = decoder_ids.masked_fill(decoder_ids == self.config.qformer_config.pad_token_id, -100)
+        labels = decoder_ids.masked_fill(attention_mask == 0, -100)  # the padding, whatever the tokenizer's pad id
         states = self.qformer_states(decoder_ids, attention_mask, image_embeds, causal=True)
         logits = self.itg_head(states[:, self.config.num_query_tokens:], self.embeddings.word_embeddings.weight)
         loss_itg = itg_loss(logits, labels)

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from ..blip2.assembly import FromBlip2Result, from_blip2
 from ..blip2.keys import HF_BLIP2_STAGE2_EXPORT_DROPS, HF_BLIP2_STAGE2_EXPORT_RENAMES, map_key
+from ..model.validation import check_int
 from .configuration import BLIP2_MODEL_TYPE, BLIP2_SUB_TYPES
 
 
@@ -45,7 +46,9 @@ def caption_records(records: Iterable[Mapping[str, Any]], encoder_decoder: bool,
         >>> caption_records([{"image": img, "caption": "a red circle"}], encoder_decoder=False)[0]["answer"]
         'a red circle'
     """
-    rng = random.Random(seed)
+    if not isinstance(encoder_decoder, bool):
+        raise TypeError(f"`encoder_decoder` must be a bool, found {type(encoder_decoder).__name__}.")
+    rng = random.Random(check_int("seed", seed, 0))
     out = []
     for index, record in enumerate(records):
         caption = record.get("caption") if isinstance(record, Mapping) else None

@@ -1,18 +1,16 @@
 """`InstructBlipTrainer`: the stock `Trainer`, fitted to InstructBLIP instruction tuning.
 
 What it changes, and why (besides `InstructBlipTrainerGlue`, shared with the TRL trainer):
-- `remove_unused_columns` is turned off: `InstructBlipDataCollator` reads raw record fields (`image`,
-  `instruction`, `answer`) that the model's `forward` does not take, so the default would hand it empty dicts.
 - gradient accumulation is exact on both LLM paths: the model normalises its own loss by `num_items_in_batch`.
 - records named by `dataset` get per-dataset sample counts and loss in the logs.
 - evaluation with generation (`Seq2SeqTrainingArguments(predict_with_generate=True)`): evaluation batches hold the
   prompt alone, `compute_metrics` gets the new tokens only, and the evaluation loss is still taken on the training
   layout (`evaluate.generation_metrics` builds a `compute_metrics`).
 """
+
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -82,8 +80,6 @@ class InstructBlipTrainer(InstructBlipTrainerGlue, Trainer):
         self._dataset_loss: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # since last log: sum, tokens
         self._pending_loss: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []  # on device until a log step
         super().__init__(*args, **kwargs)  # InstructBlipTrainerGlue: save_trainable_only, vision_feature_cache
-        self.args = copy.copy(self.args)  # leave the caller's TrainingArguments as they were
-        self.args.remove_unused_columns = False  # the collator needs the raw record fields
         self._add_sampler_epoch_callback()
         self.eval_data_collator = self._evaluation_collator(eval_data_collator)
         config = instructblip_base(self.model).config

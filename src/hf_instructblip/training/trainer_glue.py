@@ -2,7 +2,7 @@
 a fix made for one trainer reaches the other:
 
 - iterable training data gets accelerate's `dispatch_batches=False` unless the user set it (rank 0 cannot
-  concatenate batches whose lengths differ);
+  concatenate batches whose lengths differ); `remove_unused_columns` is off (our collators read raw record fields);
 - batch metadata the model does not take (`dataset` names, `image_ids`) is removed, and `image_ids` are looked up in
   a `VisionFeatureCache` when one is given;
 - checkpoints: only the trained weights (`save_trainable_only`), the trained Q-Former next to a PEFT adapter (it is
@@ -81,6 +81,8 @@ class InstructBlipTrainerGlue:
         self.save_trainable_only = save_trainable_only
         self.vision_feature_cache = vision_feature_cache
         super().__init__(*undispatched_streams(args, kwargs), **kwargs)
+        self.args = copy.copy(self.args)  # leave the caller's TrainingArguments as they were
+        self.args.remove_unused_columns = False  # our collators read raw record fields the models do not take
         self._check_fsdp()
 
     def _check_fsdp(self) -> None:
