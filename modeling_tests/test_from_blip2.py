@@ -186,6 +186,33 @@ def test_bad_sources_get_clear_errors(root, tmp_path):
         from_blip2(str(tmp_path / "vit_only.pth"), str(folder / "llama"), str(folder / "bert"))
 
 
+def test_lavis_vit_file_keeps_blip2s_depth_and_heads_must_be_known(root, tmp_path):
+    """LAVIS saves BLIP-2 without its frozen ViT, which comes from eva_vit_g.pth: that file's extra last block (40 vs
+    BLIP-2's 39) is dropped, not built into the vision encoder; a width whose head count the weights cannot tell needs
+    `blip2_config`. Tokenizers may be given as folders (str or Path), the LLM as a Path."""
+    folder, built = root
+    state = torch.load(folder / "blip2_32.pth", weights_only=True)["model"]
+    vit = {k: v for k, v in state.items() if k.startswith("visual_encoder.")}
+    depth = 1 + max(int(k.split(".")[2]) for k in vit if k.startswith("visual_encoder.blocks."))
+    vit.update({k.replace(f"blocks.{depth - 1}.", f"blocks.{depth}."): v.clone() + 1 for k, v in vit.items()
+                if k.startswith(f"visual_encoder.blocks.{depth - 1}.")})  # the EVA file's extra block
+    torch.save({"model": {k: v for k, v in state.items() if k not in vit}}, tmp_path / "no_vit.pth")
+    torch.save(vit, tmp_path / "eva.pth")
+    config = sources.blip2_config("opt", hidden_size=32, word_embed_proj_dim=32)
+    model, _ = result = from_blip2(str(tmp_path / "no_vit.pth"), Path(folder / "llama"), str(folder / "bert"),
+                                   blip2_config=config, vit=str(tmp_path / "eva.pth"),
+                                   qformer_tokenizer=Path(folder / "bert"), tokenizer=str(folder / "llama"))
+    assert len(model.vision_model.encoder.layers) == depth == config.vision_config.num_hidden_layers
+    dropped = result.provenance.dropped["blip2"]
+    assert any(f"blocks.{depth}." in key for key in dropped) and not any(f"blocks.{depth - 1}." in k for k in dropped)
+    torch.testing.assert_close(model.vision_model.encoder.layers[depth - 1].mlp.fc1.weight,
+                               built["blip2_32"].state_dict()[f"vision_model.encoder.layers.{depth - 1}.mlp.fc1.weight"])
+    with pytest.raises(ValueError, match=r"`blip2_config`: the LAVIS `blip2` is \d+ wide.*num_attention_heads"):
+        from_blip2(str(folder / "blip2_32.pth"), str(folder / "llama"), str(folder / "bert"))
+    with pytest.raises(TypeError, match="`tokenizer`: expected a tokenizer, a folder or a Hub id, found int"):
+        from_blip2(str(folder / "blip2_32"), str(folder / "llama"), str(folder / "bert"), tokenizer=3)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 

@@ -11,10 +11,11 @@ Where each part comes from (LAVIS's recipe: BERT, then the BLIP-2 stage-2 checkp
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer, BlipImageProcessor
+from transformers import AutoImageProcessor, AutoTokenizer, BlipImageProcessor, PreTrainedTokenizerBase
 from transformers.utils import logging
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -22,8 +23,8 @@ from ..conversion.lavis_mapping import append_vocab_rows
 from ..model.configuration import InstructBlipConfig
 from ..model.modeling import InstructBlipForConditionalGeneration
 from ..model.processing import QFORMER_MAX_LENGTH, InstructBlipProcessor, sync_image_token
-from .language_model import check_language_model, load_language_model
 from .keys import is_text_side
+from .language_model import check_language_model, load_language_model
 from .provenance import NEW, Provenance
 from .sources import SourceWeights, read_blip2, read_text_side
 
@@ -83,9 +84,9 @@ def from_blip2(
     text = _text_side(source, qformer_text, provenance)
     llm = load_language_model(language_model, dtype)
     provenance.sources["language_model"] = f"{type(llm).__name__} {llm.name_or_path or '(built)'}"
-    qformer_tokenizer = qformer_tokenizer or _tokenizer(text.folder, "qformer_tokenizer", text.description)
-    tokenizer = tokenizer or _tokenizer(language_model if isinstance(language_model, str) else None, "tokenizer",
-                                        "a built `language_model`")
+    qformer_tokenizer = _tokenizer(qformer_tokenizer or text.folder, "qformer_tokenizer", text.description)
+    tokenizer = _tokenizer(tokenizer or (None if isinstance(language_model, torch.nn.Module) else language_model),
+                           "tokenizer", "a built `language_model`")
     _fit_vocabulary(text, len(qformer_tokenizer), provenance)
 
     qformer_config = {**source.config["qformer_config"], "vocab_size": _rows(text, "word"),
@@ -95,7 +96,7 @@ def from_blip2(
     with torch.device("meta"):  # shapes only: the tensors below are assigned, not copied
         model = InstructBlipForConditionalGeneration(config)
     model.language_model = llm
-    tensors = {**_owned(source, provenance, "blip2"), **_owned(text, provenance, "qformer_text")}
+    tensors = {**_owned(source, provenance), **_owned(text, provenance)}
     tensors.update(_projection(source, model, llm, seed, provenance))
     _load(model, _cast(tensors, dtype), provenance)
 
@@ -133,10 +134,9 @@ def _text_side(source: SourceWeights, qformer_text: Any, provenance: Provenance)
     return text
 
 
-def _owned(part: SourceWeights, provenance: Provenance, fallback_role: str) -> dict[str, torch.Tensor]:
-    role = part.role if part.role in ("blip2", "qformer_text") else fallback_role
-    provenance.add(role, part.origin)
-    provenance.dropped.setdefault(role, {}).update(part.dropped)
+def _owned(part: SourceWeights, provenance: Provenance) -> dict[str, torch.Tensor]:
+    provenance.add(part.role, part.origin)
+    provenance.dropped.setdefault(part.role, {}).update(part.dropped)
     return part.tensors
 
 
@@ -144,12 +144,17 @@ def _rows(text: SourceWeights, which: str) -> int:
     return text.tensors[f"qformer.embeddings.{which}_embeddings.weight"].shape[0]
 
 
-def _tokenizer(folder: Any, name: str, where: str):
+def _tokenizer(source: Any, name: str, where: str) -> PreTrainedTokenizerBase:
+    """A tokenizer given as is, or loaded from a folder / Hub id (str or path)."""
+    if isinstance(source, PreTrainedTokenizerBase):
+        return source
+    if source is not None and not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"`{name}`: expected a tokenizer, a folder or a Hub id, found {type(source).__name__}.")
     try:
-        if folder is not None:
-            return AutoTokenizer.from_pretrained(str(folder))
+        if source is not None:
+            return AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError, TypeError):
-        pass
+        where = str(source)
     raise ValueError(f"`{name}`: no tokenizer could be loaded from {where}; pass `{name}=` explicitly.")
 
 

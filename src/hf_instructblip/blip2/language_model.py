@@ -52,14 +52,14 @@ def check_llm_structure(model: Any, what: str) -> None:
 
 
 def load_language_model(source: Any, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """A built LLM as is (after the checks), or one loaded from a folder / Hub id in `dtype`."""
+    """A built LLM (after the checks; cast to `dtype` when given), or one loaded from a folder / Hub id in `dtype`."""
     if isinstance(source, PreTrainedModel):
         check_llm_structure(source, type(source).__name__)
         expected = _built_class(source.config)
         if type(source) is not expected:
             raise ValueError(f"`{ROLE}`: expected the {expected.__name__} that InstructBLIP builds from this config, "
                              f"found {type(source).__name__}.")
-        return source
+        return source if dtype is None else source.to(dtype)  # `dtype` is the LLM's, built or loaded
     if isinstance(source, torch.nn.Module):
         check_llm_structure(source, type(source).__name__)
         raise TypeError(f"`{ROLE}`: expected a transformers PreTrainedModel, found {type(source).__name__}.")

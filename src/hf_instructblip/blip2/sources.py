@@ -42,6 +42,8 @@ BLIP2_MODEL_TYPE = "blip-2"
 LAVIS_SUFFIXES = (".pth", ".pt", ".bin")
 EVA_HEAD_DIM = 88  # EVA ViT-g: 1408 / 16 heads; a LAVIS .pth has no config, and weights do not tell head counts
 BERT_HEAD_DIM = 64  # BERT-base: 768 / 12 heads
+EVA_G_DEPTH = 39  # blocks of BLIP-2's ViT: eva_vit_g.pth's 40 without the last
+_VIT_BLOCK = re.compile(r"visual_encoder\.blocks\.(\d+)\.")
 _QV_BIAS = re.compile(r"visual_encoder\.blocks\.(\d+)\.attn\.([qv])_bias")
 
 
@@ -166,8 +168,14 @@ def _read_tensors(path: Path, keys: dict[str, str], role: str) -> dict[str, torc
 
 def _read_lavis(path: Path, role: str, blip2_config: Any, vit: str | None) -> SourceWeights:
     state = load_state_dict_file(path, f"`{role}`")
+    dropped = {}
     if vit is not None:
         state = compose_lavis_state_dict(state, load_state_dict_file(vit, "`vit`"), {}, decoder_only=True)
+        # eva_vit_g.pth has 40 blocks; BLIP-2 builds 39 (LAVIS drops the last one), unless the config says otherwise.
+        depth = _config_dict(blip2_config, role).get("vision_config", {}).get("num_hidden_layers", EVA_G_DEPTH)
+        for key in [k for k in state if (m := _VIT_BLOCK.match(k)) and int(m.group(1)) >= depth]:
+            del state[key]
+            dropped[key] = f"EVA block beyond the vision encoder's {depth} (BLIP-2 uses the ViT without its last block)"
     if not any(key.startswith("Qformer.") for key in state):
         raise ValueError(f"`{role}`: {path} holds no Q-Former (no 'Qformer.*' keys): not a LAVIS BLIP-2 checkpoint. "
                          f"Top-level keys: {sorted({k.split('.')[0] for k in state})[:10]}.")
@@ -175,6 +183,7 @@ def _read_lavis(path: Path, role: str, blip2_config: Any, vit: str | None) -> So
         raise ValueError(f"`{role}`: {path} holds no EVA ViT weights ('visual_encoder.*'; LAVIS saves checkpoints "
                          f"without frozen parameters): pass `vit` (eva_vit_g.pth) as well.")
     result = SourceWeights(role, f"LAVIS BLIP-2 {path.name}", folder=None)
+    result.dropped.update(dropped)
     qv: dict[int, dict[str, str]] = {}
     for key, tensor in state.items():
         _, reason = map_key(key, (), LAVIS_BLIP2_DROPS + LAVIS_DROPS)
@@ -202,12 +211,12 @@ def _lavis_config(tensors: dict[str, torch.Tensor], blip2_config: Any, role: str
     width = tensors["vision_model.embeddings.class_embedding"].shape[-1]
     vision = dict(hidden_size=width, num_hidden_layers=len(layer_indices(tensors, "vision_model.encoder.layers")),
                   intermediate_size=tensors["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-                  patch_size=patch, num_attention_heads=max(1, width // EVA_HEAD_DIM),
+                  patch_size=patch, num_attention_heads=_heads(width, EVA_HEAD_DIM),
                   image_size=math.isqrt(tensors["vision_model.embeddings.position_embedding"].shape[1] - 1) * patch)
     hidden = tensors["query_tokens"].shape[-1]
     cross = layer_indices([k for k in tensors if ".crossattention." in k], "qformer.encoder.layer")
     layers = len(layer_indices(tensors, "qformer.encoder.layer"))
-    qformer = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // BERT_HEAD_DIM),
+    qformer = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=_heads(hidden, BERT_HEAD_DIM),
                    intermediate_size=tensors["qformer.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
                    cross_attention_frequency=cross[1] - cross[0] if len(cross) > 1 else layers)
     if "qformer.embeddings.word_embeddings.weight" in tensors:
@@ -216,7 +225,16 @@ def _lavis_config(tensors: dict[str, torch.Tensor], blip2_config: Any, role: str
     given = _config_dict(blip2_config, role)
     vision.update(known_fields(InstructBlipVisionConfig, given.get("vision_config", {})))
     qformer.update(known_fields(InstructBlipQFormerConfig, given.get("qformer_config", {})))
+    for name, part in (("vision_config", vision), ("qformer_config", qformer)):
+        if part["num_attention_heads"] is None:  # the weights do not tell head counts
+            raise ValueError(f"`blip2_config`: the LAVIS `{role}` is {part['hidden_size']} wide, which is not "
+                             f"EVA-g's / BERT-base's head width times a head count; give {name}.num_attention_heads.")
     return {"vision_config": vision, "qformer_config": qformer, "num_query_tokens": tensors["query_tokens"].shape[1]}
+
+
+def _heads(width: int, head_dim: int) -> int | None:
+    """EVA-g's / BERT-base's head count for `width`, or None when `width` is not a multiple of their head width."""
+    return width // head_dim if width % head_dim == 0 else None
 
 
 def _config_dict(config: Any, role: str) -> dict[str, Any]:
