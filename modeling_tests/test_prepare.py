@@ -368,3 +368,24 @@ def test_paper_numbers():
         paper_zero_shot("gqa", "opt-2.7b")
     with pytest.raises(ValueError, match="`task` must be one of"):
         paper_zero_shot("vqav2", "vicuna-7b")
+
+
+def test_textvqa_inline_ocr_tokens_must_be_strings_and_cli_names_type_errors(tmp_path, capsys):
+    """Without --ocr the questions' own `ocr_tokens` are read: a non-string token is named (was an AttributeError
+    traceback), and the CLI reports TypeErrors of bad records as one line, exit status 2."""
+    kwargs, _, _ = textvqa(tmp_path)
+    data = json.loads(Path(kwargs["annotations"]).read_text())
+    data["data"][0]["ocr_tokens"] = ["NOKIA", 5800]
+    dump(Path(kwargs["annotations"]), data)
+    with pytest.raises(ValueError, match=r"record 0 \(id 34602\): field 'ocr_tokens' must be a list of strings"):
+        prepare_dataset("textvqa", kwargs["annotations"], kwargs["images"], tmp_path / "out.jsonl", progress=False)
+    kwargs, _, _ = msvd_qa(tmp_path / "msvd")
+    questions = json.loads(Path(kwargs["annotations"]).read_text())
+    first = questions[0] if isinstance(questions, list) else next(iter(questions.values()))
+    first["id" if "id" in first else next(iter(first))] = 1.5  # a float id (or first field) in an official file
+    dump(Path(kwargs["annotations"]), questions)
+    argv = ["--dataset", "msvd_qa", "--output", str(tmp_path / "msvd.jsonl"),
+            *[arg for key, value in kwargs.items() for arg in (f"--{key.replace('_', '-')}", str(value))]]
+    assert main(argv) == 2
+    assert re.search(r"\nerror: .*test_qa\.json: record 0 .*must be a str or an int, found float 1\.5",
+                     capsys.readouterr().err)

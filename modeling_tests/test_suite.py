@@ -130,3 +130,18 @@ def test_suite_arguments_are_checked_before_the_model_loads(suite, tmp_path, cap
     assert cli.main([a if a != str(suite["data"]) else str(tmp_path / "none") for a in args]) == 2
     assert "--data-dir" in capsys.readouterr().err
     assert paper_llm_of("Salesforce/instructblip-vicuna-13b") == "vicuna-13b" and paper_llm_of("me/model") is None
+    official = [a if a != str(suite["model"]) else "Salesforce/instructblip-flan-t5-xl" for a in args]
+    assert cli.main(official) == 2  # --paper-llm vicuna-7b against the Flan-T5-XL checkpoint's own row
+    assert "`--paper-llm vicuna-7b` compares Salesforce/instructblip-flan-t5-xl (the paper's flan-t5-xl row)" in \
+        capsys.readouterr().err
+
+
+def test_resuming_with_other_settings_is_refused_not_mixed(suite, first_run, capsys):
+    """The first run's predictions were made with 2 beams: a rerun into the same folder with 3 would append rows
+    from other settings to them (and label them with one table); it is refused before the model loads."""
+    args = suite_args(suite, first_run)
+    args[args.index("--num-beams") + 1] = "3"
+    before = (first_run / "paper_suite.csv").read_text()
+    assert cli.main(args) == 2
+    assert "_predictions.jsonl was made with" in capsys.readouterr().err
+    assert (first_run / "paper_suite.csv").read_text() == before

@@ -23,7 +23,7 @@ from ..model.validation import check_int
 from .data_parallel import Processes, launched_processes
 from .paper import PAPER_LLMS
 from .ranking import REDUCTIONS
-from .runner import evaluate, prepare_run, write_json
+from .runner import check_run_settings, evaluate, prepare_run, write_json
 from .suite import SUITES, paper_llm_of, run_suite
 from .tasks import TASKS, load_records
 from .video import VIDEO_TASKS
@@ -117,15 +117,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                  if v is not None}
     run = dict(batch_size=args.batch_size, limit=args.limit, generation_kwargs=overrides, reduction=args.reduction,
                candidate_batch_size=args.candidate_batch_size)
+    # What a predictions file's rows depend on besides the records (checked when a run resumes).
+    settings = {"model": args.model, "dtype": args.dtype, "generation": overrides, "reduction": args.reduction}
     try:  # everything before the (slow) model load; a bad line is reported with its number
         _check_args(args, processes)
         if args.suite is not None:
-            paper_llm = args.paper_llm or paper_llm_of(args.model)
-            return run_suite(args.data_dir, args.output_dir, paper_llm, run, processes,
-                             lambda task: load_for(task, args, processes), progress=not args.no_progress)
+            return run_suite(args.data_dir, args.output_dir, _paper_llm(args), run, processes,
+                             lambda task: load_for(task, args, processes), progress=not args.no_progress,
+                             settings=settings)
         records = load_records(args.data)
         predictions = args.output_dir / f"{args.task}_predictions.jsonl"
         prepare_run(args.task, records, predictions, **run)
+        check_run_settings(predictions, settings, write=processes.is_main)
     except (OSError, ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -137,6 +140,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(args.output_dir / f"{args.task}_metrics.json", metrics)
         print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _paper_llm(args: argparse.Namespace) -> str | None:
+    """The paper row to compare with: `--paper-llm`, or the one of an official checkpoint id; both must agree."""
+    official = paper_llm_of(args.model)
+    if args.paper_llm and official and args.paper_llm != official:
+        raise ValueError(f"`--paper-llm {args.paper_llm}` compares {args.model} (the paper's {official} row) with "
+                         "another LLM's row; leave --paper-llm out or give the matching one.")
+    return args.paper_llm or official
 
 
 def _device(device: str, processes: Processes) -> str:

@@ -131,6 +131,24 @@ def _rank_batch(model, processor, batch: list[Example], reduction: str, candidat
             for e, scores, order in zip(batch, result.scores, result.ranking)]
 
 
+def check_run_settings(predictions_path: Path, settings: Mapping[str, Any], write: bool) -> None:
+    """A predictions file resumes only under the model and settings that began it: they are kept beside it
+    (`TASK_predictions.settings.json`, written when `write`), and a rerun with others is refused, not mixed in.
+
+    Example:
+        >>> check_run_settings(Path("out/gqa_predictions.jsonl"), {"model": "me/ckpt", "num_beams": 5}, write=True)
+    """
+    path = predictions_path.with_name(f"{predictions_path.stem}.settings.json")
+    settings = json.loads(json.dumps(settings))  # as it reads back: tuples become lists
+    if path.is_file():
+        found = json.loads(path.read_text(encoding="utf-8"))
+        if found != settings:
+            raise ValueError(f"{predictions_path} was made with {found}, not {settings}; delete it and {path.name}, "
+                             "or write to another output folder, to evaluate with these settings.")
+    elif write:
+        write_json(path, settings)
+
+
 # --- the runner -----------------------------------------------------------------------------------------
 def prepare_run(
     task: str, records: Sequence[Mapping[str, Any]], predictions_path: Path, *, batch_size: int, limit: int | None,

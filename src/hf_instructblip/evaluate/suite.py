@@ -23,7 +23,7 @@ from typing import Any
 from ..templates import HELD_OUT
 from .data_parallel import Processes
 from .paper import PAPER_CHECKPOINTS, paper_zero_shot, to_paper_scale
-from .runner import evaluate, prepare_run, write_json
+from .runner import check_run_settings, evaluate, prepare_run, write_json
 from .tasks import load_records, task_spec
 from .video import VIDEO_TASKS
 
@@ -41,7 +41,8 @@ def paper_llm_of(model: str) -> str | None:
     return next((llm for llm, checkpoint in PAPER_CHECKPOINTS.items() if str(model).rstrip("/") == checkpoint), None)
 
 
-def _plan(data_dir: Path, output_dir: Path, run: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _plan(data_dir: Path, output_dir: Path, run: Mapping[str, Any], settings: Mapping[str, Any] | None,
+          write: bool) -> list[dict[str, Any]]:
     """Every held-out task with its records checked (or `skipped`), before any model is loaded."""
     plan = []
     for task in HELD_OUT:
@@ -52,19 +53,22 @@ def _plan(data_dir: Path, output_dir: Path, run: Mapping[str, Any]) -> list[dict
         records = load_records(path)
         predictions = output_dir / f"{task}_predictions.jsonl"
         _, examples, done, _ = prepare_run(task, records, predictions, **run)
+        if settings is not None:
+            check_run_settings(predictions, settings, write)
         plan.append({"task": task, "records": records, "predictions": predictions,
                      "pending": len(examples) - len(done)})
     return plan
 
 
-def _row(task: str, metrics: Mapping[str, Any] | None, paper_llm: str | None, skipped: str | None) -> dict[str, Any]:
+def _row(task: str, metrics: Mapping[str, Any] | None, paper_llm: str | None, skipped: str | None,
+         limit: int | None = None) -> dict[str, Any]:
     """One table row: our score and the paper's on the paper's scale (percent, CIDEr x 100), rounded to 0.01."""
     paper = paper_zero_shot(task, paper_llm) if paper_llm else None
     ours = None if metrics is None else round(to_paper_scale(metrics["score"]), 2)
     difference = None if ours is None or paper is None else round(ours - paper, 2)
+    status = f"skipped: {skipped}" if skipped else "done" if limit is None else f"done (first {limit} records)"
     return {"task": task, "metric": task_spec(task).metric, "examples": None if metrics is None else
-            metrics["num_examples"], "ours": ours, "paper": paper, "difference": difference,
-            "status": f"skipped: {skipped}" if skipped else "done"}
+            metrics["num_examples"], "ours": ours, "paper": paper, "difference": difference, "status": status}
 
 
 def format_table(rows: list[dict[str, Any]], paper_llm: str | None) -> tuple[str, str]:
@@ -86,10 +90,12 @@ def format_table(rows: list[dict[str, Any]], paper_llm: str | None) -> tuple[str
 
 
 def run_suite(data_dir: Path, output_dir: Path, paper_llm: str | None, run: Mapping[str, Any], processes: Processes,
-              load: Callable[[str], tuple[Any, Any]], progress: bool = True) -> int:
+              load: Callable[[str], tuple[Any, Any]], progress: bool = True,
+              settings: Mapping[str, Any] | None = None) -> int:
     """Evaluate every prepared held-out task (see the module docstring); `load(task)` gives (model, processor), called
-    once for the image tasks and once for the video tasks. Returns the exit status (0)."""
-    plan = _plan(Path(data_dir), Path(output_dir), run)
+    once for the image tasks and once for the video tasks; `settings` (the model and generation settings) are kept
+    beside each predictions file, and a resumed task made with others is refused. Returns the exit status (0)."""
+    plan = _plan(Path(data_dir), Path(output_dir), run, settings, processes.is_main)
     rows, timing, loaded = [], {}, (None, None, None)  # loaded: (kind, model, processor)
     for item in plan:
         task = item["task"]
@@ -108,7 +114,7 @@ def run_suite(data_dir: Path, output_dir: Path, paper_llm: str | None, run: Mapp
         seconds = time.perf_counter() - start
         timing[task] = {"examples": item["pending"], "seconds": round(seconds, 3),
                         "examples_per_second": round(item["pending"] / seconds, 3) if item["pending"] else None}
-        rows.append(_row(task, metrics, paper_llm, None))
+        rows.append(_row(task, metrics, paper_llm, None, run.get("limit")))
     if processes.is_main:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         markdown, table = format_table(rows, paper_llm)

@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = {k: getattr(args, k) for k in ("ocr", "answer_list", "mapping") if getattr(args, k) is not None}
     try:
         summary = prepare_dataset(args.dataset, args.annotations, args.images, args.output, **extra)
-    except ValueError as error:
+    except (OSError, ValueError, TypeError) as error:  # bad files and records: one line naming them
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(summary)

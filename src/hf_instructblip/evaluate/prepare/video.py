@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..tasks import id_key
 from .common import Conversion, Paths, Skip, expect, field, load_csv, load_json, where
 
 
@@ -54,6 +55,9 @@ def _ranked_video_qa(dataset: str, prefix: str, annotations: str | os.PathLike, 
     def convert(index: int, q: Any) -> dict[str, Any]:
         qid = (q.get("question_id", q.get("id")) if isinstance(q, dict) else None)
         at = where(annotations, index, qid)
+        field(q if isinstance(q, dict) else {}, "question", "str", at)  # a record must be an object with a question
+        if qid is not None:
+            id_key(qid, f"{at}: field 'question_id' / 'id'")
         if "video" in q:  # LAVIS's qa_test.json: the video file name
             folders = [Path(field(q, "video", "str", at)).stem]
         else:  # the original release: an integer id

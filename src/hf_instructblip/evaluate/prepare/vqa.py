@@ -69,10 +69,13 @@ def textvqa(annotations: str | os.PathLike, paths: Paths, *, ocr: str | os.PathL
             words = tokens[image_id]
         else:
             raise ValueError(f"{at}: field 'image_id': {image_id!r} has no entry in --ocr {str(ocr)!r}.")
-        if not [w for w in words if isinstance(w, str) and w.strip()]:
+        if not all(isinstance(w, str) for w in words):
+            raise ValueError(f"{at}: field 'ocr_tokens' must be a list of strings, found {words!r}.")
+        words = [w for w in words if w.strip()]
+        if not words:
             raise Skip("no OCR token for the image")
         return {"id": field(q, "question_id", "int", at), "image": paths.image(f"{image_id}.jpg", at),
-                "question": field(q, "question", "str", at), "ocr_tokens": [w for w in words if w.strip()],
+                "question": field(q, "question", "str", at), "ocr_tokens": words,
                 "answers": field(q, "answers", "strs", at)}
 
     return Conversion(questions, convert)
