@@ -254,6 +254,7 @@ def _sync_placeholder(model, processor, provenance: Provenance) -> None:
         return
     with torch.no_grad():
         for module in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}.values():
-            module.weight[rows:] = module.weight[:rows].mean(dim=0, keepdim=True)
+            added = module.weight.shape[0] - rows
+            module.weight[rows:] = append_vocab_rows(module.weight[:rows], added)[rows:]  # the converter's rule
     provenance.notes.append(f"language model embeddings: rows {rows}..{model.get_input_embeddings().weight.shape[0] - 1}"
                             f" appended for {processor.image_token!r} (mean of the existing rows)")
